@@ -1,0 +1,91 @@
+"""hf_edit_patch: knowledge edits as small, shareable, exactly removable patches for Hugging Face models.
+
+Example:
+    ```python
+    import hf_edit_patch as hep
+
+    model, tokenizer = hep.load_default_model()
+    patch = hep.EditPatch.from_deltas({"model.layers.5.mlp.down_proj": dw}, model, keep_ratio=0.4)
+    pm = hep.PatchedModel.from_pretrained(model, patch)
+    base = pm.unload()   # bit-identical to the model before
+    ```
+
+Names are imported lazily, so `import hf_edit_patch` is fast and loads torch only when a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .version import __version__
+
+_EXPORTS = {
+    "PatchConfig": "config",
+    "ModuleRecord": "config",
+    "SparseDelta": "sparse",
+    "EditPatch": "patch",
+    "PatchedModel": "patched_model",
+    "rect_sparsify": "regularizers",
+    "random_sparsify": "regularizers",
+    "pca_sparsify": "regularizers",
+    "sparsify": "regularizers",
+    "fingerprint": "storage",
+    "load_default_model": "models",
+    "DEFAULT_MODEL_ID": "models",
+    "PatchError": "errors",
+    "PatchFormatError": "errors",
+    "PatchValidationError": "errors",
+    "FingerprintMismatchError": "errors",
+    "PatchNotFoundError": "errors",
+}
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "EditPatch",
+    "FingerprintMismatchError",
+    "ModuleRecord",
+    "PatchConfig",
+    "PatchError",
+    "PatchFormatError",
+    "PatchNotFoundError",
+    "PatchValidationError",
+    "PatchedModel",
+    "SparseDelta",
+    "__version__",
+    "fingerprint",
+    "load_default_model",
+    "pca_sparsify",
+    "random_sparsify",
+    "rect_sparsify",
+    "sparsify",
+]
+
+if TYPE_CHECKING:
+    from .config import ModuleRecord, PatchConfig
+    from .errors import (
+        FingerprintMismatchError,
+        PatchError,
+        PatchFormatError,
+        PatchNotFoundError,
+        PatchValidationError,
+    )
+    from .models import DEFAULT_MODEL_ID, load_default_model
+    from .patch import EditPatch
+    from .patched_model import PatchedModel
+    from .regularizers import pca_sparsify, random_sparsify, rect_sparsify, sparsify
+    from .sparse import SparseDelta
+    from .storage import fingerprint
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_edit_patch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

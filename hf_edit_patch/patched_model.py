@@ -1,0 +1,406 @@
+"""`PatchedModel`: attaches edit patches to a model in place, stacks them, and takes them off exactly.
+
+Patches are applied to the weights themselves (`W[idx] = cast(float32(W[idx]) + float32(ΔW))`), so a patched
+model runs exactly as fast as the base. Before writing, the original values of the touched entries are saved;
+removing a patch writes them back (never subtracts), so the weights are at every moment bit-identical to the
+base with the active patches applied in order.
+
+Example:
+    ```python
+    from hf_edit_patch import PatchedModel
+
+    pm = PatchedModel.from_pretrained(model, "out/eiffel")       # local folder, Hub id or EditPatch
+    pm.add_patch(other, patch_name="p2")                         # stacks on top
+    pm.remove_patch("default")                                   # weights == base + p2, exactly
+    with pm.disable_patches():
+        ...                                                      # the base weights
+    base = pm.unload()                                           # bit-identical to the model passed in
+    ```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import STACK_NAME
+from .errors import FingerprintMismatchError, PatchError, PatchFormatError, PatchValidationError
+from .fileio import atomic_write
+from .hub import push_folder, resolve_file
+from .modules import resolve_weight
+from .patch import EditPatch
+from .storage import dtype_name, fingerprint
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass
+class _Applied:
+    """What one patch wrote into one weight: where, and the values that were there before."""
+
+    module: str
+    flat: torch.Tensor
+    original: torch.Tensor
+
+
+def _check_patch_name(name: str, existing: dict[str, Any]) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+        raise PatchError(
+            f"patch_name must be 1-128 characters of letters, digits, '_', '-' or '.', not starting "
+            f"with '.' or '-', got {name!r}"
+        )
+    if name in existing:
+        raise PatchError(f"a patch named {name!r} is already attached; active patches: {list(existing)}")
+
+
+class PatchedModel(nn.Module):
+    """A model with edit patches attached, in the manner of PEFT's `PeftModel`.
+
+    `base_model` is the very model object passed in; its weights are the patched weights while patches are
+    active. Calls and unknown attributes (`config`, `generate`, `device`, ...) are delegated to it.
+
+    Args:
+        model: any `torch.nn.Module` (typically a transformers `PreTrainedModel`).
+    """
+
+    is_patched_model = True
+
+    def __init__(self, model: nn.Module) -> None:
+        if getattr(model, "is_patched_model", False):
+            raise PatchError("the model is already a PatchedModel; add patches to it with add_patch()")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        super().__init__()
+        self.base_model = model
+        self._patches: OrderedDict[str, EditPatch] = OrderedDict()
+        self._applied: dict[str, list[_Applied]] = {}
+        self._disabled = 0
+
+    # ------------------------------------------------------------------ delegation
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def active_patches(self) -> list[str]:
+        """Names of the attached patches, in application order."""
+        return list(self._patches)
+
+    @property
+    def patches(self) -> dict[str, EditPatch]:
+        """`{name: EditPatch}` of the attached patches, in application order (a copy)."""
+        return dict(self._patches)
+
+    def __repr__(self) -> str:
+        state = " (disabled)" if self._disabled else ""
+        return f"PatchedModel(patches={self.active_patches}{state}, base_model={type(self.base_model).__name__})"
+
+    def _require_enabled(self, what: str) -> None:
+        if self._disabled:
+            raise PatchError(f"cannot {what} inside disable_patches(); leave the `with` block first")
+
+    # ------------------------------------------------------------------ low level
+    def _stage(
+        self, patch: EditPatch, *, check: bool, strict: bool = False
+    ) -> list[tuple[torch.Tensor, _Applied, torch.Tensor]]:
+        """Computes the values a patch writes, and checks they are finite; writes nothing.
+
+        With `check`, also validates layout, shape and fingerprints (skipped when re-applying a known patch).
+        """
+        staged = []
+        seen: dict[int, str] = {}
+        mismatched = []
+        for name, delta in patch.deltas.items():
+            record = patch.config.modules[name]
+            _, weight, layout = resolve_weight(self.base_model, name)
+            if check:
+                if layout != record.layout:
+                    raise PatchValidationError(
+                        f"module {name!r} has layout {layout!r} but the patch was computed for {record.layout!r} "
+                        "(e.g. a GPT-2 Conv1D patch on an nn.Linear model): the patch does not fit this model"
+                    )
+                if tuple(weight.shape) != delta.shape:
+                    raise PatchValidationError(
+                        f"module {name!r}: weight shape {list(weight.shape)} does not match the patch's "
+                        f"{list(delta.shape)}"
+                    )
+                if not weight.is_contiguous():
+                    raise PatchValidationError(
+                        f"module {name!r}: weight is not contiguous and cannot be patched in place"
+                    )
+                if record.fingerprint is not None and fingerprint(weight) != record.fingerprint:
+                    mismatched.append((name, record, weight.dtype))
+            key = weight.untyped_storage().data_ptr() + weight.storage_offset() * weight.element_size()
+            if key in seen:
+                raise PatchValidationError(
+                    f"modules {seen[key]!r} and {name!r} share one weight tensor (tied "
+                    "weights); a patch may target it through one name only"
+                )
+            seen[key] = name
+            flat = delta.flat_indices.to(weight.device)
+            with torch.no_grad():
+                original = weight.data.view(-1)[flat]
+                new = (original.to(torch.float32) + delta.values.to(weight.device, torch.float32)).to(weight.dtype)
+            bad = ~torch.isfinite(new)
+            if bool(bad.any()):
+                raise PatchValidationError(
+                    f"module {name!r}: adding the patch makes {int(bad.sum())} entries non-finite in {weight.dtype} "
+                    f"(first at flat index {int(flat[bad.nonzero()[0]])}); the patch does not fit this weight dtype"
+                )
+            staged.append((weight, _Applied(name, flat, original), new))
+        if mismatched:
+            details = ", ".join(
+                n
+                + (
+                    f" (now {dtype_name(dt)}, patch computed on {r.weight_dtype})"
+                    if r.weight_dtype and r.weight_dtype != dtype_name(dt)
+                    else ""
+                )
+                for n, r, dt in mismatched[:3]
+            ) + (", ..." if len(mismatched) > 3 else "")
+            msg = (
+                f"the weights of {len(mismatched)} target module(s) differ from those the patch was computed on: "
+                f"{details}. The edit may not hold on these weights."
+            )
+            if strict:
+                raise FingerprintMismatchError(msg + " (strict=True)")
+            warnings.warn(msg + " Pass strict=True to make this an error.", stacklevel=4)
+        return staged
+
+    def _write(self, staged: list[tuple[torch.Tensor, _Applied, torch.Tensor]]) -> list[_Applied]:
+        done = []
+        try:
+            with torch.no_grad():
+                for weight, applied, new in staged:
+                    weight.data.view(-1)[applied.flat] = new
+                    done.append((weight, applied))
+        except BaseException:
+            with torch.no_grad():
+                for weight, applied in reversed(done):
+                    weight.data.view(-1)[applied.flat] = applied.original
+            raise
+        return [applied for _, applied, _ in staged]
+
+    def _restore(self, applied: list[_Applied]) -> None:
+        with torch.no_grad():
+            for a in reversed(applied):
+                _, weight, _ = resolve_weight(self.base_model, a.module)
+                original = a.original
+                if original.dtype != weight.dtype or original.device != weight.device:
+                    warnings.warn(
+                        f"module {a.module!r} changed dtype or device while patched ({original.dtype} -> "
+                        f"{weight.dtype}); restoring with a cast, which cannot be bit-exact",
+                        stacklevel=3,
+                    )
+                    original = original.to(weight.device, weight.dtype)
+                weight.data.view(-1)[a.flat.to(weight.device)] = original
+
+    def _unapply_down_to(self, index: int) -> list[str]:
+        """Restores the patches at positions >= index (top first); returns their names, bottom first."""
+        names = list(self._patches)[index:]
+        for name in reversed(names):
+            if name in self._applied:  # after a failed re-apply, the top ones may be off already
+                self._restore(self._applied.pop(name))
+        return names
+
+    def _reapply(self, names: list[str]) -> None:
+        for name in names:
+            self._applied[name] = self._write(self._stage(self._patches[name], check=False))
+
+    # ------------------------------------------------------------------ public API
+    def add_patch(self, patch: EditPatch, patch_name: str = "default", *, strict: bool = False) -> PatchedModel:
+        """Attaches `patch` on top of the active ones, or raises leaving the model untouched.
+
+        Raises:
+            PatchValidationError: unknown module, layout/shape mismatch, non-patchable dtype, or a result that
+                would not be finite in the weight's dtype.
+            FingerprintMismatchError: with `strict=True`, when the target weights differ from those the patch
+                was computed on (otherwise a warning).
+        """
+        if not isinstance(patch, EditPatch):
+            raise TypeError(
+                f"patch must be an EditPatch, got {type(patch).__name__}; use load_patch() for a path or Hub id"
+            )
+        _check_patch_name(patch_name, self._patches)
+        self._require_enabled("add a patch")
+        staged = self._stage(patch, check=True, strict=strict)
+        self._applied[patch_name] = self._write(staged)
+        self._patches[patch_name] = patch
+        logger.info("Attached patch %r (%d modules, %d entries)", patch_name, len(patch.deltas), patch.nnz)
+        return self
+
+    def load_patch(
+        self,
+        path_or_repo_id: str | os.PathLike | EditPatch,
+        patch_name: str = "default",
+        *,
+        strict: bool = False,
+        **hub_kwargs: Any,
+    ) -> PatchedModel:
+        """Loads a patch (folder, Hub id, or EditPatch) and stacks it on top; see `EditPatch.from_pretrained`."""
+        _check_patch_name(patch_name, self._patches)
+        self._require_enabled("load a patch")
+        patch = (
+            path_or_repo_id
+            if isinstance(path_or_repo_id, EditPatch)
+            else EditPatch.from_pretrained(path_or_repo_id, **hub_kwargs)
+        )
+        return self.add_patch(patch, patch_name, strict=strict)
+
+    def remove_patch(self, patch_name: str) -> EditPatch:
+        """Takes one patch off (top or middle); the weights become base + the remaining patches, exactly."""
+        if patch_name not in self._patches:
+            raise PatchError(f"no patch named {patch_name!r}; active patches: {self.active_patches}")
+        self._require_enabled("remove a patch")
+        index = list(self._patches).index(patch_name)
+        removed = self._unapply_down_to(index)
+        above = removed[1:]
+        try:
+            self._reapply(above)
+        except BaseException:  # e.g. a patch above overflows without this one: put everything back as it was
+            self._unapply_down_to(index)
+            self._reapply(removed)
+            raise
+        return self._patches.pop(patch_name)
+
+    @contextlib.contextmanager
+    def disable_patches(self) -> Iterator[PatchedModel]:
+        """Context manager: the base weights inside, the patches re-applied (exactly) on exit, even on error."""
+        if self._disabled:
+            self._disabled += 1
+            try:
+                yield self
+            finally:
+                self._disabled -= 1
+            return
+        names = self._unapply_down_to(0)
+        self._disabled = 1
+        try:
+            yield self
+        finally:
+            self._disabled = 0
+            self._reapply(names)
+
+    def unload(self) -> nn.Module:
+        """Removes every patch and returns the base model, bit-identical to what was passed in."""
+        self._require_enabled("unload")
+        self._unapply_down_to(0)
+        self._patches.clear()
+        return self.base_model
+
+    def merge_and_unload(self) -> nn.Module:
+        """Returns the base model with the active patches baked in (the undo data is dropped)."""
+        self._require_enabled("merge")
+        self._applied.clear()
+        self._patches.clear()
+        return self.base_model
+
+    # ------------------------------------------------------------------ persistence
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path_or_repo_id: str | os.PathLike | EditPatch,
+        patch_name: str = "default",
+        *,
+        strict: bool = False,
+        **hub_kwargs: Any,
+    ) -> PatchedModel:
+        """Wraps `model` and attaches a patch (folder, Hub id or EditPatch) or a saved stack of patches.
+
+        A folder or repo written by `PatchedModel.save_pretrained` (with `patch_stack.json`) attaches every
+        patch of the stack under its saved name, in order; `patch_name` is then ignored.
+
+        Example:
+            ```python
+            >>> pm = PatchedModel.from_pretrained(model, "user/edit-patch")
+            ```
+        """
+        pm = model if getattr(model, "is_patched_model", False) else cls(model)
+        if isinstance(path_or_repo_id, EditPatch):
+            return pm.add_patch(path_or_repo_id, patch_name, strict=strict)
+        sub = hub_kwargs.pop("subfolder", None)
+        stack_file = None
+        if resolve_file(path_or_repo_id, "patch_config.json", subfolder=sub, missing_ok=True, **hub_kwargs) is None:
+            stack_file = resolve_file(path_or_repo_id, STACK_NAME, subfolder=sub, **hub_kwargs)
+        if stack_file is None:
+            return pm.load_patch(path_or_repo_id, patch_name, strict=strict, subfolder=sub, **hub_kwargs)
+        try:
+            with open(stack_file, encoding="utf-8") as f:
+                names = json.load(f)["patches"]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise TypeError("patches must be a list of names")
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise PatchFormatError(f"{stack_file} is not a valid patch stack ({exc})") from exc
+        patches = [
+            (n, EditPatch.from_pretrained(path_or_repo_id, subfolder=f"{sub}/{n}" if sub else n, **hub_kwargs))
+            for n in names
+        ]
+        for name in names:
+            _check_patch_name(name, dict.fromkeys(pm.active_patches))
+        attached = []
+        try:
+            for name, patch in patches:
+                pm.add_patch(patch, name, strict=strict)
+                attached.append(name)
+        except BaseException:
+            for name in reversed(attached):
+                pm.remove_patch(name)
+            raise
+        return pm
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str:
+        """Saves every active patch in its own subfolder (named after the patch) and the order in patch_stack.json."""
+        save_directory = os.fspath(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        for name, patch in self._patches.items():
+            patch.save_pretrained(os.path.join(save_directory, name), **kwargs)
+        atomic_write(
+            os.path.join(save_directory, STACK_NAME), json.dumps({"patches": self.active_patches}, indent=2) + "\n"
+        )
+        return save_directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+        token: str | bool | None = None,
+    ) -> Any:
+        """Uploads the whole stack (one subfolder per patch) in one commit. Returns the `CommitInfo`."""
+        return push_folder(
+            self.save_pretrained,
+            repo_id,
+            private=private,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or f"Upload edit patches {self.active_patches}",
+            token=token,
+        )

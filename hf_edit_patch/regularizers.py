@@ -1,0 +1,164 @@
+"""Sparsifying regularizers for a dense ΔW: RECT and the paper's random-k and PCA-k baselines.
+
+All three keep the same budget, k = round(keep_ratio · numel) entries (at least one), and break ties
+deterministically (equal scores: the lower row-major index wins). Entries whose ΔW is exactly zero change
+nothing, so they are never stored: a result may hold fewer than k entries.
+
+Example:
+    ```python
+    >>> import torch
+    >>> from hf_edit_patch import rect_sparsify
+    >>> w = torch.tensor([[1.0, 2.0], [0.0, 4.0]])
+    >>> dw = torch.tensor([[0.5, 0.5], [0.1, 0.5]])
+    >>> rect_sparsify(dw, w, keep_ratio=0.5).indices.tolist()   # 0.1 over a zero weight ranks first
+    [[0, 1], [0, 0]]
+    ```
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import REGULARIZERS
+from .errors import PatchError
+from .sparse import SparseDelta
+
+
+def _check_keep_ratio(keep_ratio: float) -> float:
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+        raise PatchError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    if not (math.isfinite(keep_ratio) and 0.0 < keep_ratio <= 1.0):
+        raise PatchError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    return float(keep_ratio)
+
+
+def keep_count(keep_ratio: float, numel: int) -> int:
+    """k = round(keep_ratio · numel), half rounded up, clamped to [1, numel]."""
+    return min(numel, max(1, math.floor(_check_keep_ratio(keep_ratio) * numel + 0.5)))
+
+
+def _check_delta(delta: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(delta, torch.Tensor) or delta.dim() != 2 or not delta.dtype.is_floating_point:
+        raise PatchError(f"{name}: ΔW must be a 2-D floating tensor, got {getattr(delta, 'shape', type(delta))}")
+    if not bool(torch.isfinite(delta).all()):
+        raise PatchError(f"{name}: ΔW has non-finite entries ({int((~torch.isfinite(delta)).sum())} of them)")
+    return delta
+
+
+def _nonneg_float_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered like non-negative float32 scores (IEEE bits of x >= 0 are monotone in x)."""
+    return scores.to(torch.float32).contiguous().view(torch.int32)
+
+
+def top_k_flat(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Row-major flat positions of the k largest integer keys, ties to the lower position, sorted ascending."""
+    keys = keys.reshape(-1)
+    n = keys.numel()
+    if k >= n:
+        return torch.arange(n, device=keys.device)
+    threshold = torch.kthvalue(keys, n - k + 1).values
+    above = torch.nonzero(keys > threshold).flatten()
+    ties = torch.nonzero(keys == threshold).flatten()[: k - above.numel()]
+    return torch.sort(torch.cat((above, ties))).values
+
+
+def _gather(delta: torch.Tensor, flat: torch.Tensor, name: str) -> SparseDelta:
+    values = delta.reshape(-1)[flat]
+    nonzero = values != 0
+    return SparseDelta.from_flat(flat[nonzero], values[nonzero], tuple(delta.shape), name=name)
+
+
+def rect_sparsify(
+    delta: torch.Tensor, weight: torch.Tensor, keep_ratio: float = 0.4, *, name: str = "delta"
+) -> SparseDelta:
+    """RECT: keeps the top-k entries of ΔW by relative change |ΔW / W|, zeroes the rest.
+
+    Scores are computed in float32 whatever the input dtypes. Over a zero weight, a nonzero ΔW ranks above every
+    finite ratio and a zero ΔW (0/0) ranks lowest.
+
+    Args:
+        delta: dense ΔW, same shape as `weight` (the module's own layout).
+        weight: the weight ΔW will be added to.
+        keep_ratio: fraction of entries to keep, in (0, 1].
+
+    Returns:
+        `SparseDelta` with ΔW's values (in ΔW's dtype) at the kept positions.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> w, dw = torch.randn(64, 32), torch.randn(64, 32)
+        >>> rect_sparsify(dw, w, keep_ratio=0.25).nnz
+        512
+        ```
+    """
+    _check_delta(delta, name)
+    if not isinstance(weight, torch.Tensor) or weight.shape != delta.shape:
+        raise PatchError(
+            f"{name}: weight shape {list(getattr(weight, 'shape', []))} does not match ΔW shape {list(delta.shape)}"
+        )
+    k = keep_count(keep_ratio, delta.numel())
+    ratio = delta.to(torch.float32).abs() / weight.to(device=delta.device, dtype=torch.float32).abs()
+    keys = _nonneg_float_keys(ratio)
+    keys = torch.where(torch.isnan(ratio), torch.full_like(keys, -1), keys)  # 0/0 ranks lowest
+    return _gather(delta, top_k_flat(keys, k), name)
+
+
+def random_sparsify(
+    delta: torch.Tensor, keep_ratio: float = 0.4, *, seed: int = 0, name: str = "delta"
+) -> SparseDelta:
+    """Random-k baseline: keeps k entries of ΔW chosen uniformly at random (torch generator seeded with `seed`)."""
+    _check_delta(delta, name)
+    k = keep_count(keep_ratio, delta.numel())
+    gen = torch.Generator().manual_seed(int(seed))
+    flat = torch.sort(torch.randperm(delta.numel(), generator=gen)[:k]).values.to(delta.device)
+    return _gather(delta, flat, name)
+
+
+def pca_sparsify(
+    delta: torch.Tensor, keep_ratio: float = 0.4, *, rank: int | None = None, name: str = "delta"
+) -> SparseDelta:
+    """PCA-k baseline: a rank-limited reconstruction of ΔW, kept to the same number of entries.
+
+    Exact definition: with r = `rank` or, by default, max(1, round(keep_ratio · min(m, n))), let
+    ΔW_r = U_r diag(S_r) V_rᵀ be the truncated SVD of ΔW (float32) to its r largest singular values. The result
+    keeps the k = round(keep_ratio · m · n) entries of ΔW_r with the largest magnitude |ΔW_r| (ties to the lower
+    row-major index), with the values of ΔW_r cast back to ΔW's dtype.
+    """
+    _check_delta(delta, name)
+    m, n = delta.shape
+    k = keep_count(keep_ratio, m * n)
+    r = max(1, math.floor(keep_ratio * min(m, n) + 0.5)) if rank is None else int(rank)
+    if not 1 <= r <= min(m, n):
+        raise PatchError(f"{name}: rank must be in [1, {min(m, n)}], got {rank!r}")
+    u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
+    approx = (u[:, :r] * s[:r]) @ vh[:r]
+    flat = top_k_flat(_nonneg_float_keys(approx.abs()), k)
+    return _gather(approx.to(delta.dtype), flat, name)
+
+
+def sparsify(
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    regularizer: str | None,
+    keep_ratio: float | None,
+    *,
+    name: str = "delta",
+    **kwargs,
+) -> SparseDelta:
+    """Applies `regularizer` ("rect", "random", "pca" or None for every nonzero entry) to one dense ΔW."""
+    if regularizer is None:
+        if keep_ratio is not None:
+            raise PatchError(f"keep_ratio={keep_ratio} needs a regularizer; accepted: {REGULARIZERS}")
+        return SparseDelta.from_dense(_check_delta(delta, name), name=name)
+    if keep_ratio is None:
+        raise PatchError(f"regularizer={regularizer!r} needs a keep_ratio in (0, 1]")
+    if regularizer == "rect":
+        return rect_sparsify(delta, weight, keep_ratio, name=name)
+    if regularizer == "random":
+        return random_sparsify(delta, keep_ratio, name=name, **kwargs)
+    if regularizer == "pca":
+        return pca_sparsify(delta, keep_ratio, name=name, **kwargs)
+    raise PatchError(f"unknown regularizer {regularizer!r}; accepted: {REGULARIZERS} or None")

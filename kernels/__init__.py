@@ -1,0 +1,1 @@
+"""Triton kernels with a pure-torch reference twin each; installed as `hf_edit_patch.kernels`."""
