@@ -171,7 +171,9 @@ class SparseDelta:
         return out.view(self.shape)
 
     def to_sparse_coo(self) -> torch.Tensor:
-        return torch.sparse_coo_tensor(self.indices, self.values, self.shape, is_coalesced=True)
+        return torch.sparse_coo_tensor(
+            self.indices, self.values, self.shape, is_coalesced=True, check_invariants=False
+        )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseDelta:
         """Copy on another device and/or with values cast to another dtype (indices are unchanged)."""
