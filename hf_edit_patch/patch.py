@@ -30,7 +30,7 @@ from . import storage
 from .cards import patch_card
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModuleRecord, PatchConfig
 from .errors import PatchError, PatchFormatError
-from .fileio import atomic_path, atomic_write
+from .fileio import atomic_write, atomic_write_files
 from .hub import file_sha256, push_folder, resolve_file, write_card
 from .modules import model_source, resolve_weight
 from .regularizers import sparsify
@@ -69,6 +69,11 @@ def _as_dense(delta: Any, name: str) -> torch.Tensor:
         return delta
     if isinstance(delta, (tuple, list)) and len(delta) == 2 and all(isinstance(t, torch.Tensor) for t in delta):
         u, v = (t if t.dim() == 2 else t.unsqueeze(1) for t in delta)
+        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[1]:
+            raise PatchError(
+                f"factored delta for {name!r}: u and v must be [m, r] and [n, r] (or 1-D) with the same rank r, "
+                f"got {list(delta[0].shape)} and {list(delta[1].shape)}"
+            )
         return u @ v.T
     raise TypeError(
         f"delta for {name!r} must be a dense tensor, a torch sparse COO tensor, a SparseDelta or a factored "
@@ -157,7 +162,7 @@ class EditPatch:
         items = tqdm(deltas.items(), desc="Sparsifying ΔW", unit="module", disable=quiet)
         for name, delta in items:
             _, weight, layout = resolve_weight(model, name)
-            dense = _as_dense(delta, name)
+            dense = _as_dense(delta, name).detach()
             if tuple(dense.shape) != tuple(weight.shape):
                 raise PatchError(
                     f"ΔW for {name!r} has shape {list(dense.shape)} but the weight is {list(weight.shape)} "
@@ -244,12 +249,25 @@ class EditPatch:
             encoding = storage.choose_encoding(delta)
             tensors.update(storage.encode(name, delta, encoding))
             modules[name] = replace(self.config.modules[name], encoding=encoding)
-        weights_path = os.path.join(save_directory, WEIGHTS_NAME)
-        with atomic_path(weights_path) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt", "hf_edit_patch_format": str(self.config.format_version)})
-            digest = file_sha256(tmp)
-        self.config = replace(self.config, modules=modules, tensors_sha256=digest)
-        atomic_write(os.path.join(save_directory, CONFIG_NAME), self.config.to_json_string())
+        config = self.config
+
+        def write_weights(tmp: str) -> None:
+            nonlocal config
+            save_file(tensors, tmp, metadata={"format": "pt", "hf_edit_patch_format": str(config.format_version)})
+            config = replace(config, modules=modules, tensors_sha256=file_sha256(tmp))
+
+        def write_config(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(config.to_json_string())
+
+        # both files are written aside first: a failure leaves the previous save whole
+        atomic_write_files(
+            {
+                os.path.join(save_directory, WEIGHTS_NAME): write_weights,
+                os.path.join(save_directory, CONFIG_NAME): write_config,
+            }
+        )
+        self.config = config
         write_card(
             os.path.join(save_directory, "README.md"), patch_card(self), overwrite=overwrite_card, write=atomic_write
         )
@@ -324,6 +342,10 @@ class EditPatch:
         extra = sorted(set(tensors) - expected)
         if extra:
             raise PatchFormatError(f"{weights_path} holds tensors the config does not describe: {extra[:5]}")
-        if config.tensors_sha256 is None:  # written without a file hash: do not trust a stated content hash
-            config = replace(config, content_hash=None)
-        return cls(deltas, config)
+        patch = cls(deltas, replace(config, content_hash=None))
+        if config.content_hash is not None and patch.config.content_hash != config.content_hash:
+            raise PatchFormatError(
+                f"the tensors in {weights_path} do not match the content_hash in {CONFIG_NAME}: the config "
+                "describes another patch"
+            )
+        return patch

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import STACK_NAME
-from .errors import FingerprintMismatchError, PatchError, PatchFormatError, PatchValidationError
+from .config import CONFIG_NAME, STACK_NAME
+from .errors import FingerprintMismatchError, PatchError, PatchFormatError, PatchNotFoundError, PatchValidationError
 from .fileio import atomic_write
 from .hub import push_folder, resolve_file
 from .modules import resolve_weight
@@ -344,24 +344,29 @@ class PatchedModel(nn.Module):
         if isinstance(path_or_repo_id, EditPatch):
             return pm.add_patch(path_or_repo_id, patch_name, strict=strict)
         sub = hub_kwargs.pop("subfolder", None)
-        stack_file = None
-        if resolve_file(path_or_repo_id, "patch_config.json", subfolder=sub, missing_ok=True, **hub_kwargs) is None:
-            stack_file = resolve_file(path_or_repo_id, STACK_NAME, subfolder=sub, **hub_kwargs)
-        if stack_file is None:
+        if resolve_file(path_or_repo_id, CONFIG_NAME, subfolder=sub, missing_ok=True, **hub_kwargs) is not None:
             return pm.load_patch(path_or_repo_id, patch_name, strict=strict, subfolder=sub, **hub_kwargs)
+        stack_file = resolve_file(path_or_repo_id, STACK_NAME, subfolder=sub, missing_ok=True, **hub_kwargs)
+        if stack_file is None:
+            where = f"{os.fspath(path_or_repo_id)!r}" + (f" (subfolder {sub!r})" if sub else "")
+            raise PatchNotFoundError(
+                f"{where} has neither {CONFIG_NAME} (a patch) nor {STACK_NAME} (a stack saved by PatchedModel)"
+            )
         try:
             with open(stack_file, encoding="utf-8") as f:
                 names = json.load(f)["patches"]
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise TypeError("patches must be a list of names")
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise PatchFormatError(f"{stack_file} is not a valid patch stack ({exc})") from exc
+        for name in names:  # before anything is read: a name is also a subfolder path
+            _check_patch_name(name, dict.fromkeys(pm.active_patches))
+        if len(set(names)) != len(names):
+            raise PatchFormatError(f"{stack_file} lists a patch name twice: {names}")
         patches = [
             (n, EditPatch.from_pretrained(path_or_repo_id, subfolder=f"{sub}/{n}" if sub else n, **hub_kwargs))
             for n in names
         ]
-        for name in names:
-            _check_patch_name(name, dict.fromkeys(pm.active_patches))
         attached = []
         try:
             for name, patch in patches:
