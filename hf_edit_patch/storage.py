@@ -51,7 +51,8 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise PatchFormatError(f"unsupported dtype name {name!r}; accepted: {sorted(_NAME_DTYPES)}") from None
 
 
-def _raw_bytes(t: torch.Tensor) -> memoryview:
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    """The exact bytes of a tensor (on CPU, contiguous), for hashing."""
     t = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
@@ -60,7 +61,7 @@ def fingerprint(weight: torch.Tensor) -> str:
     """`'sha256:<hex>'` over a weight's dtype, shape and exact bytes (a 4096×11008 fp32 matrix: ~0.1 s on CPU)."""
     h = hashlib.sha256()
     h.update(f"{dtype_name(weight.dtype)}{list(weight.shape)}".encode())
-    h.update(_raw_bytes(weight))
+    h.update(raw_bytes(weight))
     return "sha256:" + h.hexdigest()
 
 
@@ -73,8 +74,8 @@ def content_hash(deltas: dict[str, SparseDelta]) -> str:
     for name in sorted(deltas):
         d = deltas[name]
         h.update(f"{name}\0{list(d.shape)}\0{dtype_name(d.dtype)}\0{d.nnz}\0".encode())
-        h.update(_raw_bytes(d.flat_indices))
-        h.update(_raw_bytes(d.values))
+        h.update(raw_bytes(d.flat_indices))
+        h.update(raw_bytes(d.values))
     return "sha256:" + h.hexdigest()
 
 
