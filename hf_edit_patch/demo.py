@@ -21,6 +21,7 @@ import time
 import torch
 
 from .models import load_default_model
+from .modules import model_source
 from .patch import EditPatch
 from .patched_model import PatchedModel
 from .storage import raw_bytes
@@ -92,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     model, tokenizer = load_default_model(args.model)
+    model_id, revision = model_source(model)
     _say(
-        f"Loaded {model.name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) "
-        f"in {time.perf_counter() - t0:.1f} s"
+        f"Loaded {model_id} ({revision or 'latest'}; {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
+        f"parameters) from {model.name_or_path} in {time.perf_counter() - t0:.1f} s"
     )
     base_digest = state_digest(model)
     eiffel = "The Eiffel Tower is located in the city of"
