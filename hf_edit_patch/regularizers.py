@@ -23,6 +23,8 @@ import torch
 
 from .config import REGULARIZERS
 from .errors import PatchError
+from .kernels.rect_select_reference import rect_select_reference as rect_select
+from .kernels.rect_select_reference import top_k_positions
 from .sparse import SparseDelta
 
 
@@ -42,32 +44,23 @@ def keep_count(keep_ratio: float, numel: int) -> int:
 def _check_delta(delta: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(delta, torch.Tensor) or delta.dim() != 2 or not delta.dtype.is_floating_point:
         raise PatchError(f"{name}: ΔW must be a 2-D floating tensor, got {getattr(delta, 'shape', type(delta))}")
-    if not bool(torch.isfinite(delta).all()):
+    # a sum is finite iff every entry is (or it overflowed: then look at every entry)
+    if not math.isfinite(float(delta.sum(dtype=torch.float32))) and not bool(torch.isfinite(delta).all()):
         raise PatchError(f"{name}: ΔW has non-finite entries ({int((~torch.isfinite(delta)).sum())} of them)")
     return delta
 
 
 def _nonneg_float_keys(scores: torch.Tensor) -> torch.Tensor:
     """int32 keys ordered like non-negative float32 scores (IEEE bits of x >= 0 are monotone in x)."""
-    return scores.to(torch.float32).contiguous().view(torch.int32)
+    return scores.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
 
 
-def top_k_flat(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """Row-major flat positions of the k largest integer keys, ties to the lower position, sorted ascending."""
-    keys = keys.reshape(-1)
-    n = keys.numel()
-    if k >= n:
-        return torch.arange(n, device=keys.device)
-    threshold = torch.kthvalue(keys, n - k + 1).values
-    above = torch.nonzero(keys > threshold).flatten()
-    ties = torch.nonzero(keys == threshold).flatten()[: k - above.numel()]
-    return torch.sort(torch.cat((above, ties))).values
-
-
-def _gather(delta: torch.Tensor, flat: torch.Tensor, name: str) -> SparseDelta:
-    values = delta.reshape(-1)[flat]
-    nonzero = values != 0
-    return SparseDelta.from_flat(flat[nonzero], values[nonzero], tuple(delta.shape), name=name)
+def _kept(flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> SparseDelta:
+    """Drops entries whose value is exactly zero (they change nothing) and wraps the rest."""
+    zeros = values == 0
+    if bool(zeros.any()):
+        flat, values = flat[~zeros], values[~zeros]
+    return SparseDelta._trusted(flat, values, shape)  # positions sorted, unique and in range by construction
 
 
 def rect_sparsify(
@@ -100,10 +93,8 @@ def rect_sparsify(
             f"{name}: weight shape {list(getattr(weight, 'shape', []))} does not match ΔW shape {list(delta.shape)}"
         )
     k = keep_count(keep_ratio, delta.numel())
-    ratio = delta.to(torch.float32).abs() / weight.to(device=delta.device, dtype=torch.float32).abs()
-    keys = _nonneg_float_keys(ratio)
-    keys = torch.where(torch.isnan(ratio), torch.full_like(keys, -1), keys)  # 0/0 ranks lowest
-    return _gather(delta, top_k_flat(keys, k), name)
+    flat, values = rect_select(delta.detach(), weight.detach().to(delta.device), k)
+    return _kept(flat, values, tuple(delta.shape))
 
 
 def random_sparsify(
@@ -114,7 +105,7 @@ def random_sparsify(
     k = keep_count(keep_ratio, delta.numel())
     gen = torch.Generator().manual_seed(int(seed))
     flat = torch.sort(torch.randperm(delta.numel(), generator=gen)[:k]).values.to(delta.device)
-    return _gather(delta, flat, name)
+    return _kept(flat, delta.reshape(-1)[flat], tuple(delta.shape))
 
 
 def pca_sparsify(
@@ -135,8 +126,8 @@ def pca_sparsify(
         raise PatchError(f"{name}: rank must be in [1, {min(m, n)}], got {rank!r}")
     u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
     approx = (u[:, :r] * s[:r]) @ vh[:r]
-    flat = top_k_flat(_nonneg_float_keys(approx.abs()), k)
-    return _gather(approx.to(delta.dtype), flat, name)
+    flat = top_k_positions(_nonneg_float_keys(approx.abs()), k)
+    return _kept(flat, approx.to(delta.dtype).reshape(-1)[flat], tuple(delta.shape))
 
 
 def sparsify(

@@ -53,7 +53,7 @@ class SparseDelta:
             values/indices mismatch. Nothing is kept from a rejected input.
     """
 
-    __slots__ = ("indices", "values", "shape", "_flat")
+    __slots__ = ("_flat", "_indices", "shape", "values")
 
     def __init__(
         self, indices: torch.Tensor, values: torch.Tensor, shape: Sequence[int], *, name: str = "delta"
@@ -101,7 +101,21 @@ class SparseDelta:
         self.shape = shape
         self.values = values
         self._flat = flat
-        self.indices = torch.stack((flat // shape[1], flat % shape[1]))
+        self._indices = None
+
+    @classmethod
+    def _trusted(cls, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> SparseDelta:
+        """No checks: for producers that guarantee int64, strictly increasing, in-range positions and finite values."""
+        out = cls.__new__(cls)
+        out.shape, out.values, out._flat, out._indices = shape, values, flat, None
+        return out
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """`[2, nnz]` int64 (row, col) positions, computed on first use."""
+        if self._indices is None:
+            self._indices = torch.stack((self._flat // self.shape[1], self._flat % self.shape[1]))
+        return self._indices
 
     @classmethod
     def from_flat(
@@ -177,12 +191,8 @@ class SparseDelta:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseDelta:
         """Copy on another device and/or with values cast to another dtype (indices are unchanged)."""
-        out = SparseDelta.__new__(SparseDelta)
-        out.shape = self.shape
-        out._flat = self._flat.to(device) if device is not None else self._flat
-        out.indices = self.indices.to(device) if device is not None else self.indices
-        out.values = self.values.to(device=device, dtype=dtype or self.dtype)
-        return out
+        flat = self._flat.to(device) if device is not None else self._flat
+        return SparseDelta._trusted(flat, self.values.to(device=device, dtype=dtype or self.dtype), self.shape)
 
     def equal(self, other: SparseDelta) -> bool:
         """Same shape, positions, dtype and bit-identical values."""

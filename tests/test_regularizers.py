@@ -1,0 +1,129 @@
+"""RECT and its baselines against an independent oracle: exact positions, deterministic ties, zero weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hf_edit_patch as hep
+from hf_edit_patch.kernels import rect_select_reference as ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (1, 7), (7, 13), (33, 65), (129, 257), (1031, 1100)]  # the last one takes the sampled path
+
+
+def oracle_positions(delta: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k by float32 |ΔW/W| via a stable full sort: NaN (0/0) lowest, ties to the lower index."""
+    score = (delta.float() / weight.float()).abs().reshape(-1).double()
+    score = torch.where(torch.isnan(score), torch.full_like(score, -1.0), score)
+    order = torch.sort(-score, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def _mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
+    if got.shape != want.shape:
+        return f"{got.numel()} positions selected, expected {want.numel()}"
+    bad = (got != want).nonzero().flatten()
+    return f"{bad.numel()} of {want.numel()} positions differ, first at {bad[:5].tolist()}"
+
+
+def _inputs(shape, dtype, seed=0, zeros=True):
+    gen = torch.Generator().manual_seed(seed)
+    delta = torch.randn(shape, generator=gen).to(dtype)
+    weight = torch.randn(shape, generator=gen).to(dtype)
+    if zeros:
+        weight.view(-1)[::5] = 0  # nonzero ΔW over W == 0: ratio +inf
+        delta.view(-1)[::10] = 0  # and every other of them 0/0
+    return delta, weight
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_reference_selection_matches_oracle(shape, dtype):
+    delta, weight = _inputs(shape, dtype)
+    n = delta.numel()
+    for k in sorted({1, max(1, round(0.05 * n)), max(1, round(0.4 * n)), n}):
+        flat, values = ref.rect_select_reference(delta, weight, k)
+        want = oracle_positions(delta, weight, k)
+        assert torch.equal(flat, want), f"k={k}: {_mismatch(flat, want)}"
+        assert torch.equal(values, delta.reshape(-1)[want])
+
+
+def test_zero_weights_rank_nonzero_delta_first_and_zero_over_zero_last():
+    weight = torch.tensor([[0.0, 1.0, 0.0, 2.0]])
+    delta = torch.tensor([[0.0, 1e-6, 3.0, 5.0]])  # scores: nan, 1e-6, inf, 2.5
+    assert ref.rect_select_reference(delta, weight, 1)[0].tolist() == [2]
+    assert ref.rect_select_reference(delta, weight, 2)[0].tolist() == [2, 3]
+    assert ref.rect_select_reference(delta, weight, 3)[0].tolist() == [1, 2, 3]
+    # through the public function the 0/0 entry (ΔW == 0) is never stored
+    assert hep.rect_sparsify(delta, weight, keep_ratio=1.0).flat_indices.tolist() == [1, 2, 3]
+
+
+def test_ties_go_to_the_lower_index_on_the_sampled_path():
+    weight = torch.ones(1200, 1000)
+    delta = torch.full((1200, 1000), 0.5)
+    delta.view(-1)[-10:] = 0.75  # ten clear winners at the end, then a sea of ties
+    flat, _ = ref.rect_select_reference(delta, weight, 100)
+    assert flat.tolist() == list(range(90)) + list(range(1_199_990, 1_200_000))
+
+
+@pytest.mark.parametrize("keep", [1e-9, 0.0001, 0.2, 0.4, 0.999, 1.0])
+def test_rect_sparsify_keeps_round_keep_ratio_entries(keep):
+    delta, weight = _inputs((97, 131), torch.float32, zeros=False)
+    out = hep.rect_sparsify(delta, weight, keep_ratio=keep)
+    n = delta.numel()
+    assert out.nnz == min(n, max(1, math.floor(keep * n + 0.5)))
+    assert torch.equal(out.flat_indices, oracle_positions(delta, weight, out.nnz))
+    assert out.dtype == delta.dtype
+
+
+def test_rect_keeps_more_of_a_rank_one_update_than_random_at_equal_budget():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 96, generator=gen)
+    delta = torch.outer(torch.randn(64, generator=gen), torch.randn(96, generator=gen)) * 0.01
+    rect = hep.rect_sparsify(delta, weight, 0.2)
+    rand = hep.random_sparsify(delta, 0.2, seed=0)
+    ratio = (delta / weight).abs().reshape(-1)
+    assert rect.nnz == rand.nnz
+    assert ratio[rect.flat_indices].sum() > ratio[rand.flat_indices].sum()
+
+
+def test_random_is_seeded_and_pca_follows_its_definition():
+    delta, weight = _inputs((40, 50), torch.float32, zeros=False)
+    a = hep.random_sparsify(delta, 0.3, seed=7)
+    assert a.equal(hep.random_sparsify(delta, 0.3, seed=7))
+    assert not a.equal(hep.random_sparsify(delta, 0.3, seed=8))
+    assert a.nnz == 600
+    p = hep.pca_sparsify(delta, 0.3, rank=2)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    approx = (u[:, :2] * s[:2]) @ vh[:2]
+    want = torch.sort(torch.sort(-approx.abs().reshape(-1), stable=True).indices[:600]).values
+    assert torch.equal(p.flat_indices, want)
+    assert torch.allclose(p.values, approx.reshape(-1)[want])
+    assert hep.pca_sparsify(delta, 0.3).nnz == 600  # default rank round(0.3 · 40) = 12
+
+
+@pytest.mark.parametrize("regularizer", ["rect", "random", "pca"])
+def test_every_regularizer_is_selectable_in_from_deltas(llama, regularizer):
+    name = "model.layers.0.mlp.down_proj"
+    w = llama.get_submodule(name).weight
+    patch = hep.EditPatch.from_deltas({name: torch.randn_like(w)}, llama, keep_ratio=0.25, regularizer=regularizer)
+    assert patch.config.regularizer == regularizer and patch.nnz == round(0.25 * w.numel())
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), True, "0.4", None])
+def test_keep_ratio_is_validated(bad):
+    delta, weight = _inputs((4, 4), torch.float32)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        hep.rect_sparsify(delta, weight, keep_ratio=bad)
+
+
+def test_non_finite_delta_is_rejected():
+    delta, weight = _inputs((4, 4), torch.float32, zeros=False)
+    delta[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite entries \\(1 of them\\)"):
+        hep.rect_sparsify(delta, weight, 0.5)
+    huge = torch.full((4, 4), 3e38)  # finite, but its sum overflows: still accepted
+    assert hep.rect_sparsify(huge, weight, 0.5).nnz == 8
