@@ -127,3 +127,28 @@ def test_non_finite_delta_is_rejected():
         hep.rect_sparsify(delta, weight, 0.5)
     huge = torch.full((4, 4), 3e38)  # finite, but its sum overflows: still accepted
     assert hep.rect_sparsify(huge, weight, 0.5).nnz == 8
+
+
+@pytest.mark.parametrize("band", ["above", "below", "empty"])
+def test_a_misleading_sample_falls_back_to_the_exact_path(monkeypatch, band):
+    delta, weight = _inputs((1031, 1100), torch.float32)
+    k = round(0.3 * delta.numel())
+    want = oracle_positions(delta, weight, k)
+    wrong = {"above": (2**31 - 2, 2**31 - 1), "below": (-1, 0), "empty": (5, 4)}[band]
+    monkeypatch.setattr(ref, "_band_limits", lambda *args: wrong)
+    flat, _ = ref.rect_select_reference(delta, weight, k)
+    assert torch.equal(flat, want), _mismatch(flat, want)
+
+
+@pytest.mark.parametrize("device_path", ["cpu-blocks", "torch"])
+def test_both_reference_paths_agree_on_heavy_ties(monkeypatch, device_path):
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randint(-3, 4, (1100, 1000), generator=gen).float()  # many zeros, few distinct ratios
+    delta = torch.randint(-2, 3, (1100, 1000), generator=gen).float()
+    k = 400_000
+    want = oracle_positions(delta, weight, k)
+    if device_path == "torch":  # the whole-tensor path used for non-CPU devices, run on CPU
+        flat = ref.top_k_positions(ref.rect_keys(delta, weight), k)
+    else:
+        flat, _ = ref.rect_select_reference(delta, weight, k)
+    assert torch.equal(flat, want), _mismatch(flat, want)
