@@ -38,6 +38,7 @@ from .config import CONFIG_NAME, STACK_NAME
 from .errors import FingerprintMismatchError, PatchError, PatchFormatError, PatchNotFoundError, PatchValidationError
 from .fileio import atomic_write
 from .hub import push_folder, resolve_file
+from .kernels.sparse_add import restore_, sparse_add_
 from .modules import resolve_weight
 from .patch import EditPatch
 from .storage import dtype_name, fingerprint
@@ -54,6 +55,23 @@ class _Applied:
     module: str
     flat: torch.Tensor
     original: torch.Tensor
+
+
+def _check_finite(
+    name: str, weight: torch.Tensor, flat: torch.Tensor, original: torch.Tensor, values: torch.Tensor
+) -> None:
+    """Raises if cast(W + ΔW) overflowed somewhere; skips the gather when |W| + |ΔW| cannot reach the dtype's max."""
+    if not flat.numel():
+        return
+    bound = float(original.abs().max().to(torch.float64)) + float(values.abs().max().to(torch.float64))
+    if bound <= torch.finfo(weight.dtype).max:
+        return
+    bad = ~torch.isfinite(weight.view(-1)[flat])
+    if bool(bad.any()):
+        raise PatchValidationError(
+            f"module {name!r}: adding the patch makes {int(bad.sum())} entries non-finite in {weight.dtype} (first at "
+            f"flat index {int(flat[bad.nonzero()[0]])}); the patch does not fit this weight dtype"
+        )
 
 
 def _check_patch_name(name: str, existing: dict[str, Any]) -> None:
@@ -124,54 +142,34 @@ class PatchedModel(nn.Module):
             raise PatchError(f"cannot {what} inside disable_patches(); leave the `with` block first")
 
     # ------------------------------------------------------------------ low level
-    def _stage(
-        self, patch: EditPatch, *, check: bool, strict: bool = False
-    ) -> list[tuple[torch.Tensor, _Applied, torch.Tensor]]:
-        """Computes the values a patch writes, and checks they are finite; writes nothing.
-
-        With `check`, also validates layout, shape and fingerprints (skipped when re-applying a known patch).
-        """
-        staged = []
+    def _validate(self, patch: EditPatch, *, strict: bool) -> None:
+        """Checks that a patch fits the current weights (layout, shape, tied targets, fingerprints); writes nothing."""
         seen: dict[int, str] = {}
         mismatched = []
         for name, delta in patch.deltas.items():
             record = patch.config.modules[name]
             _, weight, layout = resolve_weight(self.base_model, name)
-            if check:
-                if layout != record.layout:
-                    raise PatchValidationError(
-                        f"module {name!r} has layout {layout!r} but the patch was computed for {record.layout!r} "
-                        "(e.g. a GPT-2 Conv1D patch on an nn.Linear model): the patch does not fit this model"
-                    )
-                if tuple(weight.shape) != delta.shape:
-                    raise PatchValidationError(
-                        f"module {name!r}: weight shape {list(weight.shape)} does not match the patch's "
-                        f"{list(delta.shape)}"
-                    )
-                if not weight.is_contiguous():
-                    raise PatchValidationError(
-                        f"module {name!r}: weight is not contiguous and cannot be patched in place"
-                    )
-                if record.fingerprint is not None and fingerprint(weight) != record.fingerprint:
-                    mismatched.append((name, record, weight.dtype))
+            if layout != record.layout:
+                raise PatchValidationError(
+                    f"module {name!r} has layout {layout!r} but the patch was computed for {record.layout!r} "
+                    "(e.g. a GPT-2 Conv1D patch on an nn.Linear model): the patch does not fit this model"
+                )
+            if tuple(weight.shape) != delta.shape:
+                raise PatchValidationError(
+                    f"module {name!r}: weight shape {list(weight.shape)} does not match the patch's "
+                    f"{list(delta.shape)}"
+                )
+            if not weight.is_contiguous():
+                raise PatchValidationError(f"module {name!r}: weight is not contiguous and cannot be patched in place")
             key = weight.untyped_storage().data_ptr() + weight.storage_offset() * weight.element_size()
             if key in seen:
                 raise PatchValidationError(
-                    f"modules {seen[key]!r} and {name!r} share one weight tensor (tied "
-                    "weights); a patch may target it through one name only"
+                    f"modules {seen[key]!r} and {name!r} share one weight tensor (tied weights); a patch may target "
+                    "it through one name only"
                 )
             seen[key] = name
-            flat = delta.flat_indices.to(weight.device)
-            with torch.no_grad():
-                original = weight.data.view(-1)[flat]
-                new = (original.to(torch.float32) + delta.values.to(weight.device, torch.float32)).to(weight.dtype)
-            bad = ~torch.isfinite(new)
-            if bool(bad.any()):
-                raise PatchValidationError(
-                    f"module {name!r}: adding the patch makes {int(bad.sum())} entries non-finite in {weight.dtype} "
-                    f"(first at flat index {int(flat[bad.nonzero()[0]])}); the patch does not fit this weight dtype"
-                )
-            staged.append((weight, _Applied(name, flat, original), new))
+            if record.fingerprint is not None and fingerprint(weight) != record.fingerprint:
+                mismatched.append((name, record, weight.dtype))
         if mismatched:
             details = ", ".join(
                 n
@@ -189,21 +187,23 @@ class PatchedModel(nn.Module):
             if strict:
                 raise FingerprintMismatchError(msg + " (strict=True)")
             warnings.warn(msg + " Pass strict=True to make this an error.", stacklevel=4)
-        return staged
 
-    def _write(self, staged: list[tuple[torch.Tensor, _Applied, torch.Tensor]]) -> list[_Applied]:
-        done = []
+    def _apply(self, patch: EditPatch) -> list[_Applied]:
+        """Writes a patch into the weights with the sparse-add kernel; undone entirely if any result is not finite."""
+        applied: list[_Applied] = []
         try:
             with torch.no_grad():
-                for weight, applied, new in staged:
-                    weight.data.view(-1)[applied.flat] = new
-                    done.append((weight, applied))
+                for name, delta in patch.deltas.items():
+                    _, weight, _ = resolve_weight(self.base_model, name)
+                    flat = delta.flat_indices.to(weight.device)
+                    values = delta.values.to(weight.device)
+                    original = sparse_add_(weight.data, flat, values)
+                    applied.append(_Applied(name, flat, original))
+                    _check_finite(name, weight.data, flat, original, values)
         except BaseException:
-            with torch.no_grad():
-                for weight, applied in reversed(done):
-                    weight.data.view(-1)[applied.flat] = applied.original
+            self._restore(applied)
             raise
-        return [applied for _, applied, _ in staged]
+        return applied
 
     def _restore(self, applied: list[_Applied]) -> None:
         with torch.no_grad():
@@ -217,7 +217,7 @@ class PatchedModel(nn.Module):
                         stacklevel=3,
                     )
                     original = original.to(weight.device, weight.dtype)
-                weight.data.view(-1)[a.flat.to(weight.device)] = original
+                restore_(weight.data, a.flat.to(weight.device), original)
 
     def _unapply_down_to(self, index: int) -> list[str]:
         """Restores the patches at positions >= index (top first); returns their names, bottom first."""
@@ -229,7 +229,7 @@ class PatchedModel(nn.Module):
 
     def _reapply(self, names: list[str]) -> None:
         for name in names:
-            self._applied[name] = self._write(self._stage(self._patches[name], check=False))
+            self._applied[name] = self._apply(self._patches[name])
 
     # ------------------------------------------------------------------ public API
     def add_patch(self, patch: EditPatch, patch_name: str = "default", *, strict: bool = False) -> PatchedModel:
@@ -247,8 +247,8 @@ class PatchedModel(nn.Module):
             )
         _check_patch_name(patch_name, self._patches)
         self._require_enabled("add a patch")
-        staged = self._stage(patch, check=True, strict=strict)
-        self._applied[patch_name] = self._write(staged)
+        self._validate(patch, strict=strict)
+        self._applied[patch_name] = self._apply(patch)
         self._patches[patch_name] = patch
         logger.info("Attached patch %r (%d modules, %d entries)", patch_name, len(patch.deltas), patch.nnz)
         return self

@@ -23,7 +23,7 @@ import torch
 
 from .config import REGULARIZERS
 from .errors import PatchError
-from .kernels.rect_select_reference import rect_select_reference as rect_select
+from .kernels.rect_select import rect_select
 from .kernels.rect_select_reference import top_k_positions
 from .sparse import SparseDelta
 

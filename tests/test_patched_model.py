@@ -197,3 +197,43 @@ def test_model_on_meta_device_change_warns_but_restores(llama):
         pm.unload()
     llama.to(torch.float32)
     assert_state_equal(llama, base)  # fp32 -> fp64 -> fp32 is lossless
+
+
+@pytest.mark.filterwarnings("ignore:the weights of")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_kernels_give_the_same_bits_as_the_reference(triton_kernels, dtype):
+    """The whole attach / stack / remove / unload cycle and RECT through the Triton kernels (interpreter on CPU)."""
+    model, targets = _model("llama", dtype)
+    base = snapshot(model)
+    p1 = random_patch(model, targets, keep_ratio=0.5, seed=1, scale=0.5)
+    p2 = random_patch(model, targets[:2], keep_ratio=0.3, seed=2, scale=0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_EDIT_PATCH_KERNELS", "reference")
+        assert random_patch(model, targets, keep_ratio=0.5, seed=1, scale=0.5).config.content_hash == (
+            p1.config.content_hash
+        )
+    pm = hep.PatchedModel.from_pretrained(model, p1)
+    pm.add_patch(p2, "p2")
+    assert_state_equal(model, expected_weights(base, [p1, p2], model))
+    pm.remove_patch("default")
+    assert_state_equal(model, expected_weights(base, [p2], model))
+    pm.unload()
+    assert_state_equal(model, base)
+
+
+def test_forcing_triton_where_it_cannot_run_is_a_clear_error(llama, monkeypatch):
+    monkeypatch.setenv("HF_EDIT_PATCH_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base = snapshot(llama)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        hep.rect_sparsify(torch.randn(8, 8), torch.randn(8, 8), 0.5)
+    monkeypatch.setenv("HF_EDIT_PATCH_KERNELS", "reference")
+    patch = random_patch(llama, LLAMA_TARGETS)
+    monkeypatch.setenv("HF_EDIT_PATCH_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        hep.PatchedModel(llama).add_patch(patch)
+    assert_state_equal(llama, base)
+    monkeypatch.setenv("HF_EDIT_PATCH_KERNELS", "magic")
+    with pytest.raises(ValueError, match="HF_EDIT_PATCH_KERNELS must be one of"):
+        hep.PatchedModel(llama).add_patch(patch)
+    assert_state_equal(llama, base)
