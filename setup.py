@@ -30,7 +30,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["hf_edit_patch", "hf_edit_patch.kernels"],
+    packages=["hf_edit_patch", "hf_edit_patch.editors", "hf_edit_patch.kernels"],
     package_dir={"hf_edit_patch": "hf_edit_patch", "hf_edit_patch.kernels": "kernels"},
     install_requires=[
         "torch>=2.3,<3",
