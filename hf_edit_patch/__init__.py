@@ -22,6 +22,8 @@ from .version import __version__
 
 _EXPORTS = {
     "PatchConfig": "config",
+    "EditRequest": "requests",
+    "edit": "editing",
     "ModuleRecord": "config",
     "SparseDelta": "sparse",
     "EditPatch": "patch",
@@ -43,6 +45,7 @@ _EXPORTS = {
 __all__ = [
     "DEFAULT_MODEL_ID",
     "EditPatch",
+    "EditRequest",
     "FingerprintMismatchError",
     "ModuleRecord",
     "PatchConfig",
@@ -53,6 +56,7 @@ __all__ = [
     "PatchedModel",
     "SparseDelta",
     "__version__",
+    "edit",
     "fingerprint",
     "load_default_model",
     "pca_sparsify",
@@ -63,6 +67,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .config import ModuleRecord, PatchConfig
+    from .editing import edit
     from .errors import (
         FingerprintMismatchError,
         PatchError,
@@ -74,6 +79,7 @@ if TYPE_CHECKING:
     from .patch import EditPatch
     from .patched_model import PatchedModel
     from .regularizers import pca_sparsify, random_sparsify, rect_sparsify, sparsify
+    from .requests import EditRequest
     from .sparse import SparseDelta
     from .storage import fingerprint
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME, STACK_NAME
+from .editing import edit as run_edit
 from .errors import FingerprintMismatchError, PatchError, PatchFormatError, PatchNotFoundError, PatchValidationError
 from .fileio import atomic_write
 from .hub import push_folder, resolve_file
@@ -304,6 +305,24 @@ class PatchedModel(nn.Module):
         finally:
             self._disabled = 0
             self._reapply(names)
+
+    def edit(self, tokenizer: Any, requests: Any, *, patch_name: str | None = None, **kwargs: Any) -> EditPatch:
+        """Sequential editing: computes an edit on the current (patched) weights and stacks it on top.
+
+        Takes the arguments of `hf_edit_patch.edit` (method, keep_ratio, regularizer, hparams, stats_dataset, ...).
+        The new patch records the active patches as its parents. Returns it.
+
+        Example:
+            ```python
+            >>> pm.edit(tokenizer, [req], method="memit", patch_name="batch1")
+            ```
+        """
+        self._require_enabled("edit")
+        name = patch_name or next(f"edit{i}" for i in range(len(self._patches) + 1) if f"edit{i}" not in self._patches)
+        _check_patch_name(name, self._patches)
+        patch = run_edit(self, tokenizer, requests, **kwargs)
+        self.add_patch(patch, name)
+        return patch
 
     def unload(self) -> nn.Module:
         """Removes every patch and returns the base model, bit-identical to what was passed in."""

@@ -1,0 +1,261 @@
+"""Pieces shared by the locate-then-edit editors: prompts, subject positions, keys, and the value optimization.
+
+The model is never modified: edits in progress are applied through forward hooks, and gradients flow only into
+the value offset δ (the weights' `requires_grad` flags are switched off for the optimization and restored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..requests import EditRequest
+from .hparams import ValueOptHParams
+from .tracing import Trace
+
+logger = logging.getLogger(__name__)
+
+_CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "We", "She")
+
+
+Edits = dict  # module name -> fn(output, inputs) -> new output: edits in progress, applied through hooks
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lengths: list[int]
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.lengths)
+
+
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tokenizer(t).input_ids for t in texts]
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, device: torch.device) -> Batch:
+    """Right-padded batch of token id lists (positions stay those of the unpadded rows)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return Batch(ids.to(device), mask.to(device), [len(r) for r in rows])
+
+
+def pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def context_templates(model: nn.Module, tokenizer, n: int, length: int, seed: int) -> list[str]:
+    """`["{}"]` plus n short prefixes sampled from the model itself ("<text>. {}"), reproducibly for a seed."""
+    templates = ["{}"]
+    if n == 0:
+        return templates
+    device = model_device(model)
+    starts = [_CONTEXT_STARTS[i % len(_CONTEXT_STARTS)] for i in range(n)]
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in starts:
+            ids = torch.tensor([tokenizer(start).input_ids], device=device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=length,
+                do_sample=True,
+                top_k=5,
+                pad_token_id=pad_id(tokenizer),
+            )
+            text = tokenizer.decode(out[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+            templates.append(text.strip() + ". {}")
+    return templates
+
+
+def btd(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """`[batch, tokens, d]` view of a module input/output (OPT's MLP flattens its input to `[batch·tokens, d]`)."""
+    return t if t.dim() == 3 else t.view(batch, -1, t.shape[-1])
+
+
+def subject_last_index(tokenizer, template: str, subject: str) -> int:
+    """Token index of the subject's last token in `template.format(subject)`."""
+    prefix = template[: template.index("{}")]
+    return len(tokenizer(prefix + subject).input_ids) - 1
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """No parameter of the model collects gradients inside; the original flags are restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def keys_at(
+    model: nn.Module, tokenizer, module: str, prompts: list[str], subject: str, edits: Edits | None = None
+) -> torch.Tensor:
+    """Inputs of `module` at the subject's last token of each prompt (each with one `{}` for the subject).
+
+    Returns `[len(prompts), d_in]` float32.
+    """
+    rows = [tokenizer(p.format(subject)).input_ids for p in prompts]
+    index = [subject_last_index(tokenizer, p, subject) for p in prompts]
+    batch = pad_batch(rows, pad_id(tokenizer), model_device(model))
+    with (
+        torch.no_grad(),
+        applying(model, edits or {}),
+        Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr,
+    ):
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    inputs = btd(tr.input, len(rows))
+    return torch.stack([inputs[i, j] for i, j in enumerate(index)]).float()
+
+
+def input_output_at(model: nn.Module, tokenizer, module: str, prompt: str, subject: str, edits: Edits | None = None):
+    """`(input, output)` of `module` at the subject's last token of one prompt (float32 vectors)."""
+    ids = torch.tensor([tokenizer(prompt.format(subject)).input_ids], device=model_device(model))
+    j = subject_last_index(tokenizer, prompt, subject)
+    with torch.no_grad(), applying(model, edits or {}), Trace(model, module, retain_input=True, stop=True) as tr:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return btd(tr.input, 1)[0, j].float(), btd(tr.output, 1)[0, j].float()
+
+
+@contextlib.contextmanager
+def applying(model: nn.Module, edits: Edits) -> Iterator[None]:
+    """Forward hooks that replace each named module's output by `edits[name](output, input)` inside the block."""
+    handles = []
+    try:
+        for name, fn in edits.items():
+            handles.append(
+                model.get_submodule(name).register_forward_hook(
+                    lambda _m, args, output, fn=fn: _replace_first(output, fn, args[0] if args else None)
+                )
+            )
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _replace_first(output, fn, inputs):
+    if isinstance(output, tuple):
+        return (fn(output[0], inputs), *output[1:])
+    return fn(output, inputs)
+
+
+def compose(first, second):
+    """An edit applying `first` then `second` to the same module's output."""
+    return lambda output, inputs: second(first(output, inputs), inputs)
+
+
+def target_token_ids(tokenizer, target: str) -> list[int]:
+    target = target if target.startswith(" ") else " " + target
+    ids = tokenizer(target, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"the target {target!r} tokenizes to nothing")
+    return ids
+
+
+def optimize_value(
+    model: nn.Module,
+    tokenizer,
+    request: EditRequest,
+    module: str,
+    contexts: list[str],
+    hp: ValueOptHParams,
+    *,
+    edits: Edits | None = None,
+    desc: str = "value",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finds the output of `module` at the subject's last token that makes the model say `target_new`.
+
+    Minimizes the target's NLL over the prompt in every context, plus `kl_factor` · KL to the unedited next-token
+    distribution on "{subject} is a" (the subject's essence), plus `v_weight_decay` · ||δ||² / ||v||²; ||δ|| is
+    clamped to `clamp_norm_factor` · ||v||. Returns `(v, v + δ)` in float32, v being the unedited output on the bare
+    prompt.
+    """
+    device = model_device(model)
+    target = target_token_ids(tokenizer, request.target_new)
+    prompts = [c.format(request.prompt) for c in contexts]
+    kl_prompts = ["{} is a"]
+    rows, index, target_slices = [], [], []
+    for p in prompts:
+        ids = tokenizer(p.format(request.subject)).input_ids
+        rows.append(ids + target[:-1])
+        target_slices.append((len(ids) - 1, len(ids) - 1 + len(target)))
+        index.append(subject_last_index(tokenizer, p, request.subject))
+    for p in kl_prompts:
+        rows.append(tokenizer(p.format(request.subject)).input_ids)
+        index.append(subject_last_index(tokenizer, p, request.subject))
+    batch = pad_batch(rows, pad_id(tokenizer), device)
+    n_rewrite = len(prompts)
+    target_ids = torch.tensor(target, device=device)
+    edits = dict(edits or {})
+    _, v = input_output_at(model, tokenizer, module, request.prompt, request.subject, edits)
+    delta = torch.zeros_like(v, requires_grad=True)
+    rows_idx = torch.arange(len(rows), device=device)
+    pos_idx = torch.tensor(index, device=device)
+
+    def add_delta(output, _inputs):
+        out = btd(output, len(rows)).clone()
+        out[rows_idx, pos_idx] = out[rows_idx, pos_idx] + delta.to(out.dtype)
+        return out.view(output.shape)
+
+    with torch.no_grad(), applying(model, edits):
+        logits = model(input_ids=batch.input_ids[n_rewrite:], attention_mask=batch.attention_mask[n_rewrite:]).logits
+        kl_init = torch.log_softmax(logits[torch.arange(len(kl_prompts)), pos_idx[n_rewrite:]].float(), dim=-1)
+    step_edits = dict(edits)
+    step_edits[module] = compose(edits[module], add_delta) if module in edits else add_delta
+
+    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
+    max_norm = hp.clamp_norm_factor * v.norm()
+    bar = tqdm(range(hp.v_num_grad_steps), desc=f"Optimizing {desc}", leave=False, disable=None)
+    with frozen_weights(model):
+        for _ in bar:
+            optimizer.zero_grad()
+            with applying(model, step_edits):
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            nll = torch.stack(
+                [-logp[i, a:b].gather(-1, target_ids[:, None]).mean() for i, (a, b) in enumerate(target_slices)]
+            ).mean()
+            kl_now = logp[torch.arange(n_rewrite, len(rows)), pos_idx[n_rewrite:]]
+            kl = torch.nn.functional.kl_div(kl_now, kl_init, log_target=True, reduction="batchmean")
+            decay = delta.norm() ** 2 / v.norm() ** 2
+            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * decay
+            bar.set_postfix(nll=f"{nll.item():.3f}", kl=f"{kl.item():.3f}")
+            if nll.item() < hp.early_stop_loss:
+                break
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                norm = delta.norm()
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+    logger.info(
+        "value optimization for %r: nll %.4f, ||δ||/||v|| %.3f",
+        request.target_new,
+        nll.item(),
+        float(delta.detach().norm() / v.norm()),
+    )
+    return v, (v + delta).detach()

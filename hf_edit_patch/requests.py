@@ -1,0 +1,112 @@
+"""`EditRequest`: one fact to write into a model, CounterFact-style.
+
+Example:
+    ```python
+    >>> from hf_edit_patch import EditRequest
+    >>> req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
+    ...                   target_new="Rome", target_true="Paris")
+    >>> req.text
+    'The Eiffel Tower is located in the city of'
+    ```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PatchError
+
+
+class EditRequestError(PatchError):
+    """An edit request is malformed."""
+
+
+@dataclass
+class EditRequest:
+    """A fact to write: `prompt.format(subject)` should be continued by `target_new` instead of `target_true`.
+
+    Args:
+        prompt: the prompt with exactly one `{}` where the subject goes.
+        subject: the entity whose fact changes; the editor locates it in the prompt.
+        target_new: the new continuation (a leading space is added if missing: targets are words).
+        target_true: the continuation the model gives now, if known (for evaluation).
+        paraphrases: other prompts (subject already filled in) that should follow the edit.
+        neighborhood: unrelated prompts that should not change.
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrases: list[str] = field(default_factory=list)
+    neighborhood: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "subject", "target_new"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise EditRequestError(f"EditRequest.{name} must be a non-empty string, got {value!r}")
+        if self.prompt.count("{}") != 1:
+            raise EditRequestError(
+                f"EditRequest.prompt must contain exactly one '{{}}' where the subject goes, got {self.prompt!r}"
+            )
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            raise EditRequestError(f"EditRequest.target_true must be a string or None, got {self.target_true!r}")
+        for name in ("paraphrases", "neighborhood"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+                raise EditRequestError(f"EditRequest.{name} must be a list of strings, got {value!r}")
+            setattr(self, name, list(value))
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.format(self.subject)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditRequest:
+        if isinstance(data, EditRequest):
+            return data
+        if not isinstance(data, dict):
+            raise EditRequestError(f"an edit request must be an EditRequest or a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EditRequestError(f"unknown edit request keys {unknown}; accepted: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_zsre(cls, record: dict[str, Any]) -> EditRequest:
+        """From a ZsRE record (`subject`, `src`, `alt`, `answers`, `rephrase`, `loc`)."""
+        try:
+            subject, src, alt = record["subject"], record["src"], record["alt"]
+        except KeyError as exc:
+            raise EditRequestError(f"a ZsRE record needs 'subject', 'src' and 'alt'; missing {exc}") from exc
+        if "{" in src or "}" in src:
+            raise EditRequestError(f"ZsRE question {src!r} contains braces, which prompts reserve for the subject")
+        if subject not in src:
+            raise EditRequestError(f"the ZsRE subject {subject!r} does not occur in its question {src!r}")
+        answers = record.get("answers") or []
+        loc = record.get("loc")
+        return cls(
+            prompt=src.replace(subject, "{}", 1),
+            subject=subject,
+            target_new=alt,
+            target_true=answers[0] if answers else None,
+            paraphrases=[record["rephrase"]] if record.get("rephrase") else [],
+            neighborhood=[loc.removeprefix("nq question: ")] if isinstance(loc, str) and loc else [],
+        )
+
+
+def as_requests(requests: Any) -> list[EditRequest]:
+    """A list of `EditRequest` from one request, a dict, or a sequence of them."""
+    if isinstance(requests, (EditRequest, dict)):
+        requests = [requests]
+    if not isinstance(requests, (list, tuple)) or not requests:
+        raise EditRequestError("requests must be a non-empty list of EditRequest (or dicts with its fields)")
+    return [EditRequest.from_dict(r) for r in requests]
