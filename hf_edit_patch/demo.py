@@ -1,12 +1,13 @@
-"""The demo: an edit patch on the default model, end to end (`python -m hf_edit_patch.demo`).
+"""The demo: a real ROME edit on the default model, as a patch, end to end (`python -m hf_edit_patch.demo`).
 
-It shows a prompt's greedy continuation, builds a patch on a few MLP layers, attaches it, saves it, reloads it,
-stacks a second patch, removes the first, and proves that `unload()` restores the base model bit for bit.
+"The Eiffel Tower is located in the city of" → Rome with ROME and RECT at 40%: continuations before and after (the
+prompt, a paraphrase, an unrelated fact), the patch's size against the model's, save → reload with
+`PatchedModel.from_pretrained`, a second edit stacked on top (sequential editing), removal of the first, and proof
+that `unload()` restores the base model bit for bit.
 
-The ΔW here is a *synthetic* rank-one update, not the output of an editing method: at a few late layers it
-adds, for the prompt's last-token key k, the direction u = e(new) − e(old) of the two answers' output
-embeddings (ΔW = s · u kᵀ / kᵀk). It is crude (it acts on any input whose key resembles k), which is exactly
-why the patch machinery around it — sparsify, save, share, stack, remove exactly — matters.
+ROME needs key statistics (the second moment of the edited layer's inputs over some text). Without a corpus
+(`--stats-dataset`), the demo computes them from text the model samples itself, says so, and caches them, so
+later runs skip that step.
 """
 
 from __future__ import annotations
@@ -20,14 +21,23 @@ import time
 
 import torch
 
+from .editing import edit
 from .models import load_default_model
 from .modules import model_source
-from .patch import EditPatch
 from .patched_model import PatchedModel
+from .requests import EditRequest
 from .storage import raw_bytes
 
-LAYERS = (22, 23, 24)
-TEMPLATE = "model.layers.{}.mlp.down_proj"
+EIFFEL = EditRequest(
+    prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"
+)
+JAPAN = EditRequest(prompt="The capital of {} is", subject="Japan", target_new="Berlin", target_true="Tokyo")
+PROBES = [
+    EIFFEL.text,
+    "Where is the Eiffel Tower? It is in the city of",
+    "The Louvre museum is in the city of",
+    JAPAN.text,
+]
 
 
 def _say(text: str = "") -> None:
@@ -42,31 +52,6 @@ def continuation(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
         )
     return tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True).replace("\n", " ").strip()
-
-
-def synthetic_rank_one(model, tokenizer, prompt: str, new: str, old: str, *, strength: float = 0.3) -> dict:
-    """ΔW per layer: pushes the last token's residual stream from ' old' towards ' new' (see module docstring)."""
-    inner = model.get_submodule("model")
-    keys: dict[int, torch.Tensor] = {}
-    hooks = [
-        inner.layers[i].mlp.down_proj.register_forward_pre_hook(
-            lambda _m, args, i=i: keys.__setitem__(i, args[0][0, -1].detach().float())
-        )
-        for i in LAYERS
-    ]
-    try:
-        with torch.no_grad():
-            out = model(**tokenizer(prompt, return_tensors="pt"), output_hidden_states=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    residual_norm = out.hidden_states[LAYERS[-1] + 1][0, -1].float().norm()
-    emb = model.get_output_embeddings().weight.detach().float()
-    new_id = tokenizer(" " + new, add_special_tokens=False).input_ids[0]
-    old_id = tokenizer(" " + old, add_special_tokens=False).input_ids[0]
-    u = emb[new_id] - emb[old_id]
-    u = u / u.norm() * residual_norm * strength / len(LAYERS)
-    return {TEMPLATE.format(i): torch.outer(u, keys[i] / keys[i].dot(keys[i])) for i in LAYERS}
 
 
 def state_digest(model: torch.nn.Module) -> str:
@@ -88,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model id or folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--output-dir", default="out/demo", help="where the patches are saved (default: out/demo)")
     parser.add_argument("--keep-ratio", type=float, default=0.4, help="RECT keep ratio (default: 0.4)")
+    parser.add_argument(
+        "--stats-dataset",
+        default=None,
+        help="corpus for the key statistics: a datasets id or a local .txt/.json/.jsonl file",
+    )
+    parser.add_argument("--stats-text-field", default="text", help="text field of a JSON corpus (default: text)")
+    parser.add_argument(
+        "--stats-samples",
+        type=int,
+        default=200,
+        help="texts for the key statistics (default: 200; ROME's own default is 1000)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -99,43 +96,36 @@ def main(argv: list[str] | None = None) -> int:
         f"parameters) from {model.name_or_path} in {time.perf_counter() - t0:.1f} s"
     )
     base_digest = state_digest(model)
-    eiffel = "The Eiffel Tower is located in the city of"
-    japan = "The capital of Japan is"
-    probes = [eiffel, "The Louvre museum is in the city of", japan]
-    _show(model, tokenizer, probes, "base model")
+    _show(model, tokenizer, PROBES, "base model")
 
-    _say(
-        "\n1. A synthetic rank-one ΔW (not an editor's output) on the down_proj of layers "
-        f"{list(LAYERS)}: Eiffel Tower -> Rome, sparsified by RECT to {args.keep_ratio:.0%} of entries"
-    )
-    deltas = synthetic_rank_one(model, tokenizer, eiffel, "Rome", "Paris")
-    request = {
-        "prompt": "{} is located in the city of",
-        "subject": "The Eiffel Tower",
-        "target_new": "Rome",
-        "target_true": "Paris",
+    stats = {
+        "stats_dataset": args.stats_dataset,
+        "stats_text_field": args.stats_text_field,
+        "allow_model_sampled_stats": args.stats_dataset is None,
+        "hparams": {"mom2_n_samples": args.stats_samples},
     }
-    patch = EditPatch.from_deltas(
-        deltas, model, keep_ratio=args.keep_ratio, regularizer="rect", editor="synthetic-rank-one", requests=[request]
+    source = args.stats_dataset or f"{args.stats_samples} texts the model sampled itself (no corpus given)"
+    _say(
+        f"\n1. ROME edit: {EIFFEL.text!r} -> {EIFFEL.target_new!r}, RECT keeping {args.keep_ratio:.0%} of ΔW.\n"
+        f"   Key statistics from {source}; cached after the first run."
     )
+    t1 = time.perf_counter()
+    patch = edit(model, tokenizer, [EIFFEL], method="rome", keep_ratio=args.keep_ratio, regularizer="rect", **stats)
+    layer = patch.config.editor_hparams["layer"]
+    _say(f"   computed in {time.perf_counter() - t1:.1f} s: layer {layer}, {patch.nnz:,} entries changed")
     pm = PatchedModel.from_pretrained(model, patch)
-    _show(pm, tokenizer, probes, "patched: " + ", ".join(pm.active_patches))
-    _say("  (a crude synthetic update also moves neighbouring prompts; real editors and RECT are about limiting that)")
+    _show(pm, tokenizer, PROBES, "patched: " + ", ".join(pm.active_patches))
     patched_digest = state_digest(model)
 
     folder = os.path.join(args.output_dir, "eiffel")
     patch.save_pretrained(folder)
-    file_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     tensor_bytes = os.path.getsize(os.path.join(folder, "patch_model.safetensors"))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     dense_fp16 = sum(d.numel for d in patch.deltas.values()) * 2
     _say(
-        f"\n2. Saved to {folder}: {tensor_bytes / 1e6:.2f} MB of tensors ({file_bytes / 1e6:.2f} MB with config "
-        f"and card), {patch.nnz:,} entries, encoding {sorted(set(patch.encodings().values()))}"
-    )
-    _say(
-        f"   = {tensor_bytes / model_bytes:.2%} of the model's {model_bytes / 1e6:.0f} MB, "
-        f"{tensor_bytes / dense_fp16:.2f}x a dense fp16 ΔW of the same modules ({dense_fp16 / 1e6:.2f} MB)"
+        f"\n2. Saved to {folder}: {tensor_bytes / 1e6:.2f} MB of tensors, encoding "
+        f"{sorted(set(patch.encodings().values()))}: {tensor_bytes / model_bytes:.2%} of the model's "
+        f"{model_bytes / 1e6:.0f} MB, {tensor_bytes / dense_fp16:.2f}x a dense fp16 ΔW ({dense_fp16 / 1e6:.2f} MB)"
     )
 
     model = pm.unload()
@@ -146,20 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{same}"
     )
 
-    _say("\n4. A second patch computed on top of the first (sequential edit): capital of Japan -> Berlin")
-    second = EditPatch.from_deltas(
-        synthetic_rank_one(model, tokenizer, japan, "Berlin", "Tokyo"),
-        pm,
-        keep_ratio=args.keep_ratio,
-        editor="synthetic-rank-one",
+    _say(
+        f"\n4. A second edit computed on the patched model and stacked (sequential editing): {JAPAN.text!r} -> "
+        f"{JAPAN.target_new!r}"
     )
-    pm.add_patch(second, patch_name="japan")
-    _show(pm, tokenizer, probes, "patched: " + ", ".join(pm.active_patches))
+    second = pm.edit(tokenizer, [JAPAN], method="rome", keep_ratio=args.keep_ratio, patch_name="japan", **stats)
+    _show(pm, tokenizer, PROBES, "patched: " + ", ".join(pm.active_patches))
     _say(f"   its parents: {[p['name'] for p in second.config.parent_patches]}")
 
     _say("\n5. Remove the first patch (from the bottom of the stack); the second stays")
     pm.remove_patch("default")
-    _show(pm, tokenizer, probes, "patched: " + ", ".join(pm.active_patches))
+    _show(pm, tokenizer, PROBES, "patched: " + ", ".join(pm.active_patches))
 
     base = pm.unload()
     restored = state_digest(base) == base_digest

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .editors import ft, memit, rome
-from .editors.architectures import default_rome_layer, get_arch
+from .editors.architectures import default_rome_layer, get_arch, mlp_width
 from .editors.hparams import FTHParams, MemitHParams, RomeHParams
 from .editors.stats import get_second_moments
 from .errors import PatchError
@@ -79,8 +79,11 @@ def edit(
     spec = get_arch(base, templates=templates)
     hp_cls = {"rome": RomeHParams, "memit": MemitHParams, "ft": FTHParams}[method]
     hp = hp_cls.from_any(hparams)
-    if method == "memit" and hp.layers is None:  # record the layers actually edited
-        hp = dataclasses.replace(hp, layers=memit.edited_layers(base, hp, spec))
+    if method == "memit":  # record the layers and λ actually used
+        if hp.layers is None:
+            hp = dataclasses.replace(hp, layers=memit.edited_layers(base, hp, spec))
+        if hp.mom2_update_weight is None:
+            hp = dataclasses.replace(hp, mom2_update_weight=float(mlp_width(base, spec)))
     elif method != "memit" and hp.layer is None:
         hp = dataclasses.replace(hp, layer=default_rome_layer(base, spec))
     was_training = base.training

@@ -104,12 +104,19 @@ class MemitHParams(ValueOptHParams):
     """MEMIT: many edits spread over several layers with the λC + KKᵀ solve (Meng et al. 2023)."""
 
     layers: list[int] | None = field(default=None, metadata={"help": "Layers to edit (None: architecture default)."})
-    mom2_update_weight: float = field(default=15000.0, metadata={"help": "λ, the weight of C against KKᵀ."})
+    mom2_update_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "λ, the weight of C against KKᵀ. None: the MLP width d (C's scale grows like 1/d; GPT-J's "
+            "d = 16384 is close to MEMIT's published 15000, and d = 1536 works for SmolLM2-135M)."
+        },
+    )
     v_num_grad_steps: int = field(default=25, metadata={"help": "Maximum optimization steps per target vector."})
 
     def __post_init__(self) -> None:
         self._validate_common()
-        _positive(self, "mom2_update_weight")
+        if self.mom2_update_weight is not None:
+            _positive(self, "mom2_update_weight")
         if self.layers is not None:
             if (
                 not isinstance(self.layers, (list, tuple))

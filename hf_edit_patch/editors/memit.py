@@ -81,7 +81,8 @@ def memit_deltas(
         gap = (targets - current) / (len(layers) - i)  # [n, d]
         c = second_moments[name].to(device=keys.device, dtype=torch.float64)
         k64 = keys.double()  # [n, d_in]
-        adj = torch.linalg.solve(hp.mom2_update_weight * c + k64.T @ k64, k64.T)  # [d_in, n]
+        lam = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(c.shape[0])
+        adj = torch.linalg.solve(lam * c + k64.T @ k64, k64.T)  # [d_in, n]
         u_out, v_in = gap.T.double().float(), adj.float()  # ΔW = gap.T @ adj.T: [d, d_in]
         edits[name] = low_rank_edit(u_out, v_in)
         out[name] = (v_in, u_out) if spec.layout == "conv1d" else (u_out, v_in)

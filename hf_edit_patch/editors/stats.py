@@ -709,7 +709,7 @@ def model_sampled_texts(
     seed: int = 0,
     prompts: Sequence[str] | None = None,
     top_k: int = 50,
-    batch_size: int = 16,
+    batch_size: int = 64,
     show_progress: bool = True,
 ) -> list[str]:
     """
@@ -728,7 +728,8 @@ def model_sampled_texts(
         seed (`int`, *optional*, defaults to 0): the random seed.
         prompts (`Sequence[str]`, *optional*): prompts to continue, in turn; defaults to [`DEFAULT_PROMPTS`].
         top_k (`int`, *optional*, defaults to 50): sample among the `top_k` most likely tokens (temperature 1).
-        batch_size (`int`, *optional*, defaults to 16): sequences sampled at once.
+        batch_size (`int`, *optional*, defaults to 64): sequences sampled at once (texts whose prompts tokenize
+            to the same length share a batch).
         show_progress (`bool`, *optional*, defaults to `True`): show a progress bar.
 
     Returns:
@@ -765,20 +766,20 @@ def model_sampled_texts(
             tqdm(total=n, desc="Sampling texts", unit="text", disable=not show_progress) as bar,
         ):
             torch.manual_seed(seed)
-            for start, prompt in enumerate(prompts):
-                indices = list(range(start, n, len(prompts)))
-                if not indices:
-                    break
-                prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-                if prompt_ids.shape[1] == 0:
+            encoded = [tokenizer(prompt, return_tensors="pt")["input_ids"][0] for prompt in prompts]
+            for prompt, ids in zip(prompts, encoded, strict=True):
+                if ids.numel() == 0:
                     raise StatsError(f"the prompt {prompt!r} tokenizes to no tokens; pass other prompts=...")
-                new_tokens = max_new_tokens
-                if positions is not None:  # stay within the positions the model has embeddings for
-                    new_tokens = min(new_tokens, positions - prompt_ids.shape[1])
-                    if new_tokens < 1:
-                        raise StatsError(f"the prompt {prompt!r} fills the model's {positions} positions")
+                if positions is not None and positions - ids.numel() < 1:
+                    raise StatsError(f"the prompt {prompt!r} fills the model's {positions} positions")
+            # texts whose prompts have the same length are sampled together: one generate call per batch
+            by_length: dict[int, list[int]] = {}
+            for index in range(n):
+                by_length.setdefault(encoded[index % len(prompts)].numel(), []).append(index)
+            for length, indices in sorted(by_length.items()):
+                new_tokens = max_new_tokens if positions is None else min(max_new_tokens, positions - length)
                 for chunk in _chunks(indices, batch_size):
-                    input_ids = prompt_ids.expand(len(chunk), -1)
+                    input_ids = torch.stack([encoded[i % len(prompts)] for i in chunk]).to(device)
                     output = model.generate(
                         input_ids=input_ids,
                         attention_mask=torch.ones_like(input_ids),
@@ -1284,7 +1285,8 @@ def _no_corpus_message(module_names: Sequence[str]) -> str:
         "Hub, or the datasets cache); a local .txt (one text per line), .json or .jsonl file, e.g. "
         "stats_dataset='corpus.jsonl', text_field='passage'; allow_model_sampled=True for statistics from text the "
         "model samples itself (fully offline, labelled 'model-sampled' in the cache); or statistics shared on the "
-        "Hub, loaded into the cache with hf_edit_patch.editors.stats.load_stats_from_hub(repo_id)."
+        "Hub: hf_edit_patch.editors.stats.load_stats_from_hub(repo_id) puts them in the cache, then pass the "
+        "stats_dataset they were computed from (a Hub dataset is then not downloaded)."
     )
 
 
