@@ -33,13 +33,6 @@ class Batch:
     attention_mask: torch.Tensor
     lengths: list[int]
 
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.lengths)
-
-
-def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return [tokenizer(t).input_ids for t in texts]
-
 
 def pad_batch(rows: list[list[int]], pad_id: int, device: torch.device) -> Batch:
     """Right-padded batch of token id lists (positions stay those of the unpadded rows)."""
