@@ -46,14 +46,21 @@ def pad_batch(rows: list[list[int]], pad_id: int, device: torch.device) -> Batch
 
 
 def pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value)
+    """The tokenizer's pad token id, else its EOS id, else 0 (padded positions are masked out anyway)."""
+    for attribute in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attribute, None)
+        if isinstance(value, int):
+            return value
     return 0
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
 
 
 def context_templates(model: nn.Module, tokenizer, n: int, length: int, seed: int) -> list[str]:

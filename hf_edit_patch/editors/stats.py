@@ -46,6 +46,8 @@ from ..errors import PatchError
 from ..fileio import atomic_path, atomic_write
 from ..modules import model_source, resolve_weight
 from ..version import __version__
+from .common import model_device as _model_device
+from .common import pad_id as _pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -1089,14 +1091,6 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for attribute in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attribute, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def _max_positions(model: Any) -> int | None:
     config = getattr(model, "config", None)
     for attribute in ("max_position_embeddings", "n_positions"):
@@ -1104,15 +1098,6 @@ def _max_positions(model: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def _model_device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
 
 
 def _module_device(model: Any, name: str) -> torch.device:
