@@ -8,17 +8,27 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 
+def _temp_beside(path: str) -> str:
+    """A new empty temporary file in `path`'s folder (so that renaming it onto `path` is atomic)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return tmp
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yields a temporary path in the target's folder; on success it is fsynced and renamed onto `path`."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -35,12 +45,9 @@ def atomic_write_files(writers: dict[str, Callable[[str], None]]) -> None:
     temps: dict[str, str] = {}
     try:
         for path, write in writers.items():
-            folder = os.path.dirname(os.path.abspath(path))
-            fd, temps[path] = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-            os.close(fd)
+            temps[path] = _temp_beside(path)
             write(temps[path])
-            with open(temps[path], "rb+") as f:
-                os.fsync(f.fileno())
+            _fsync(temps[path])
         for path, tmp in temps.items():
             os.replace(tmp, path)
     except BaseException:
