@@ -57,9 +57,9 @@ def _nonneg_float_keys(scores: torch.Tensor) -> torch.Tensor:
 
 def _kept(flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> SparseDelta:
     """Drops entries whose value is exactly zero (they change nothing) and wraps the rest."""
-    zeros = values == 0
-    if bool(zeros.any()):
-        flat, values = flat[~zeros], values[~zeros]
+    if int(torch.count_nonzero(values)) < values.numel():  # a reduction without a mask: the common case is fast
+        nonzero = values != 0
+        flat, values = flat[nonzero], values[nonzero]
     return SparseDelta._trusted(flat, values, shape)  # positions sorted, unique and in range by construction
 
 

@@ -152,3 +152,24 @@ def test_both_reference_paths_agree_on_heavy_ties(monkeypatch, device_path):
     else:
         flat, _ = ref.rect_select_reference(delta, weight, k)
     assert torch.equal(flat, want), _mismatch(flat, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_cpu_path_is_exact_with_any_thread_count(monkeypatch, threads, dtype):
+    """Small blocks and forced threads: zeros, 0/0, infinities and ties spread over many blocks."""
+    monkeypatch.setattr(ref, "_BLOCK", 1 << 12)
+    monkeypatch.setattr(ref, "_threads", lambda n_blocks: threads)
+    gen = torch.Generator().manual_seed(threads)
+    weight = torch.randn(1009, 1117, generator=gen)
+    weight[torch.rand(weight.shape, generator=gen) < 0.05] = 0.0  # nonzero ΔW over W == 0 ranks first
+    delta = torch.randn(weight.shape, generator=gen)
+    delta[torch.rand(weight.shape, generator=gen) < 0.05] = 0.0  # some 0/0: rank last
+    delta[100:300] = weight[100:300] * 0.5  # a large tie at one ratio
+    delta, weight = delta.to(dtype), weight.to(dtype)
+    for keep in (1e-6, 0.05, 0.4, 0.93, 0.999999):
+        k = max(1, round(keep * delta.numel()))
+        want = oracle_positions(delta, weight, k)
+        flat, values = ref.rect_select_reference(delta, weight, k)
+        assert torch.equal(flat, want), f"keep {keep}: " + _mismatch(flat, want)
+        assert values.dtype == dtype and torch.equal(values, delta.reshape(-1)[want])
