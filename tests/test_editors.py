@@ -186,7 +186,8 @@ def test_value_optimization_lowers_the_target_nll(arch, tok):
         with applying(model, {name: put}):
             return -target_logprob(model, tok, REQ.text, "rome")
 
-    assert nll_with(v_star) < nll_with(v) - 1.0
+    before, after = nll_with(v), nll_with(v_star)
+    assert after < 0.85 * before, (before, after)  # the optimum under the KL and decay terms, not zero
     assert (v_star - v).norm() <= hp.clamp_norm_factor * v.norm() + 1e-5
 
 
@@ -329,3 +330,37 @@ def test_bad_requests_and_methods_are_clear_errors(tok):
         hep.edit(model, tok, [REQ], method="rome", hparams={"lr": 1})
     with pytest.raises(ValueError, match="non-empty list"):
         hep.edit(model, tok, [], method="rome")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_checkpointed_blocks_give_the_same_value_and_are_restored(arch, tok):
+    from hf_edit_patch.editors.common import checkpointed_from, context_templates, optimize_value
+
+    model = MODELS[arch](tok)
+    name = get_arch(model).mlp_out.format(1)
+    contexts = context_templates(model, tok, 2, 3, 0)
+    results = []
+    for checkpoint in (False, True):
+        hp = RomeHParams(**{**FAST, "v_num_grad_steps": 5, "checkpoint_blocks": checkpoint})
+        results.append(optimize_value(model, tok, REQ, name, contexts, hp)[1])
+    assert torch.allclose(results[0], results[1], rtol=1e-5, atol=1e-6), (results[0] - results[1]).abs().max()
+    blocks = model.get_submodule(get_arch(model).layers)
+    with checkpointed_from(model, name):
+        assert "forward" in vars(blocks[1]) and "forward" not in vars(blocks[0])
+    assert all("forward" not in vars(b) for b in blocks)  # the class's forward is back
+
+
+def test_head_only_at_returns_the_full_logits_at_the_chosen_positions(tok):
+    from hf_edit_patch.editors.common import head_only_at
+
+    model = MODELS["llama"](tok)
+    ids = torch.tensor([tok(REQ.text).input_ids] * 2)
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([2, 0, ids.shape[1] - 1])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        with head_only_at(model, rows, cols):
+            picked = model(input_ids=ids).logits
+    assert picked.shape == (1, 3, full.shape[-1])
+    assert torch.allclose(picked[0], full[rows, cols], atol=1e-6)
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape == full.shape  # hook removed

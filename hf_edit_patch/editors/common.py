@@ -64,26 +64,27 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def context_templates(model: nn.Module, tokenizer, n: int, length: int, seed: int) -> list[str]:
-    """`["{}"]` plus n short prefixes sampled from the model itself ("<text>. {}"), reproducibly for a seed."""
+    """`["{}"]` plus n short prefixes sampled from the model itself ("<text>. {}"), reproducibly for a seed.
+
+    All prefixes are sampled in one left-padded batch: one generation step per token, not per token and prefix.
+    """
     templates = ["{}"]
     if n == 0:
         return templates
     device = model_device(model)
-    starts = [_CONTEXT_STARTS[i % len(_CONTEXT_STARTS)] for i in range(n)]
+    starts = [tokenizer(_CONTEXT_STARTS[i % len(_CONTEXT_STARTS)]).input_ids for i in range(n)]
+    width = max(len(ids) for ids in starts)
+    pad = pad_id(tokenizer)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in starts], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in starts], device=device)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), torch.no_grad():
         torch.manual_seed(seed)
-        for start in starts:
-            ids = torch.tensor([tokenizer(start).input_ids], device=device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=length,
-                do_sample=True,
-                top_k=5,
-                pad_token_id=pad_id(tokenizer),
-            )
-            text = tokenizer.decode(out[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
-            templates.append(text.strip() + ". {}")
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=length, do_sample=True, top_k=5, pad_token_id=pad
+        )
+    for i, r in enumerate(starts):
+        text = tokenizer.decode(out[i, width - len(r) :], skip_special_tokens=True)
+        templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
     return templates
 
 
@@ -176,6 +177,63 @@ def target_token_ids(tokenizer, target: str) -> list[int]:
     return ids
 
 
+@contextlib.contextmanager
+def head_only_at(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
+    """Makes the output head see only the hidden states at `(rows[i], cols[i])`: logits come back `[1, P, vocab]`.
+
+    The loss of a value optimization reads a few dozen positions; the full `[batch, seq, vocab]` logits (and their
+    log-softmax and gradient) would dominate its time and memory on models with large vocabularies.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None)")
+
+    def pick(_module, args):
+        return (args[0][rows, cols].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def checkpointed_from(model: nn.Module, module: str) -> Iterator[None]:
+    """Activation checkpointing for the decoder block holding `module` and every block after it.
+
+    Backward then keeps only each block's input and recomputes the block (with the same hooks) when it needs it:
+    one more forward of those blocks per step, for a fraction of the memory. Blocks are found as the items of the
+    `nn.ModuleList` on `module`'s path.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    parts = module.split(".")
+    blocks, first = None, None
+    for i in range(len(parts) - 1, 0, -1):
+        parent = model.get_submodule(".".join(parts[:i]))
+        if isinstance(parent, nn.ModuleList) and parts[i].isdigit():
+            blocks, first = parent, int(parts[i])
+            break
+    if blocks is None:
+        yield
+        return
+    patched = []
+    try:
+        for block in list(blocks)[first:]:
+            forward = block.forward
+
+            def run(*args, _forward=forward, **kwargs):
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            block.forward = run
+            patched.append(block)
+        yield
+    finally:
+        for block in patched:
+            del block.forward  # the instance attribute hid the class's forward
+
+
 def optimize_value(
     model: nn.Module,
     tokenizer,
@@ -221,9 +279,22 @@ def optimize_value(
         out[rows_idx, pos_idx] = out[rows_idx, pos_idx] + delta.to(out.dtype)
         return out.view(output.shape)
 
-    with torch.no_grad(), applying(model, edits):
-        logits = model(input_ids=batch.input_ids[n_rewrite:], attention_mask=batch.attention_mask[n_rewrite:]).logits
-        kl_init = torch.log_softmax(logits[torch.arange(len(kl_prompts)), pos_idx[n_rewrite:]].float(), dim=-1)
+    # The head runs only where the loss looks: each target token's position, then each KL prompt's subject end.
+    target_rows = [i for i, (a, b) in enumerate(target_slices) for _ in range(a, b)]
+    target_cols = [t for a, b in target_slices for t in range(a, b)]
+    head_rows = torch.tensor(target_rows + list(range(n_rewrite, len(rows))), device=device)
+    head_cols = torch.cat([torch.tensor(target_cols, device=device, dtype=torch.long), pos_idx[n_rewrite:]])
+    n_target = len(target_cols)
+    kl_rows = torch.arange(len(kl_prompts), device=device)
+    target_of = torch.tensor(target_rows, device=device)
+    per_row = torch.tensor([b - a for a, b in target_slices], device=device, dtype=torch.float32)
+    wanted = target_ids.repeat(n_rewrite)
+
+    with torch.no_grad(), applying(model, edits), head_only_at(model, kl_rows, pos_idx[n_rewrite:]):
+        logits = model(
+            input_ids=batch.input_ids[n_rewrite:], attention_mask=batch.attention_mask[n_rewrite:], use_cache=False
+        ).logits
+        kl_init = torch.log_softmax(logits[0].float(), dim=-1)
     step_edits = dict(edits)
     step_edits[module] = compose(edits[module], add_delta) if module in edits else add_delta
 
@@ -233,20 +304,26 @@ def optimize_value(
     with frozen_weights(model):
         for _ in bar:
             optimizer.zero_grad()
-            with applying(model, step_edits):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
-            nll = torch.stack(
-                [-logp[i, a:b].gather(-1, target_ids[:, None]).mean() for i, (a, b) in enumerate(target_slices)]
-            ).mean()
-            kl_now = logp[torch.arange(n_rewrite, len(rows)), pos_idx[n_rewrite:]]
-            kl = torch.nn.functional.kl_div(kl_now, kl_init, log_target=True, reduction="batchmean")
-            decay = delta.norm() ** 2 / v.norm() ** 2
-            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * decay
-            bar.set_postfix(nll=f"{nll.item():.3f}", kl=f"{kl.item():.3f}")
-            if nll.item() < hp.early_stop_loss:
-                break
-            loss.backward()
+            # backward stays inside: checkpointed blocks rerun their forward, edit hooks included
+            with (
+                applying(model, step_edits),
+                head_only_at(model, head_rows, head_cols),
+                checkpointed_from(model, module) if hp.checkpoint_blocks else contextlib.nullcontext(),
+            ):
+                logits = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).logits[0].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                token_nll = -logp[torch.arange(n_target, device=device), wanted]
+                # mean over each prompt's target tokens, then over prompts
+                nll = (torch.zeros(n_rewrite, device=device).index_add_(0, target_of, token_nll) / per_row).mean()
+                kl = torch.nn.functional.kl_div(logp[n_target:], kl_init, log_target=True, reduction="batchmean")
+                decay = delta.norm() ** 2 / v.norm() ** 2
+                loss = nll + hp.kl_factor * kl + hp.v_weight_decay * decay
+                bar.set_postfix(nll=f"{nll.item():.3f}", kl=f"{kl.item():.3f}")
+                if nll.item() < hp.early_stop_loss:
+                    break
+                loss.backward()
             optimizer.step()
             with torch.no_grad():
                 norm = delta.norm()

@@ -73,6 +73,13 @@ class ValueOptHParams(_Base):
     mom2_adjustment: bool = field(default=True, metadata={"help": "Use the keys' second moment C (covariance)."})
     mom2_n_samples: int = field(default=1000, metadata={"help": "Texts used for the key statistics."})
     mom2_max_length: int = field(default=256, metadata={"help": "Tokens per text for the key statistics."})
+    checkpoint_blocks: bool = field(
+        default=True,
+        metadata={
+            "help": "Recompute the decoder blocks from the edited one upward during backward instead of keeping "
+            "their activations: less memory, one more partial forward per step."
+        },
+    )
 
     def _validate_common(self) -> None:
         _positive(
