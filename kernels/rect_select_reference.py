@@ -28,7 +28,8 @@ import torch
 
 _EXP_MASK = 0x7F800000  # +inf; larger magnitudes are NaN
 _SAMPLE = 1 << 18  # sample size for the threshold band
-_SMALL = 1 << 20  # below this many entries, kthvalue on everything is cheap enough
+_SMALL = 1 << 20  # below this many entries, kthvalue on everything is cheap enough (whole-tensor path)
+_SMALL_CPU = 1 << 15  # the CPU path samples down to this size
 _BLOCK = 1 << 18  # CPU block: 1 MiB of float32 keys, cache-resident, large enough to keep GIL hand-offs rare
 _NUMPY_FLOATS = (torch.float32, torch.float16, torch.float64)
 
@@ -117,7 +118,7 @@ class _CpuBlocks:
         return keys
 
     def sample_keys(self) -> np.ndarray:
-        stride = self.n // _SAMPLE
+        stride = max(1, self.n // min(_SAMPLE, self.n // 16))
         sample = np.divide(self._f32(self.delta[::stride]), self._f32(self.weight[::stride]))
         keys = sample.view(np.int32)
         np.bitwise_and(keys, 0x7FFFFFFF, out=keys)
@@ -160,7 +161,7 @@ def _select_cpu(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torc
     """`(flat, values)` on CPU; `values` is None when ΔW's dtype has no NumPy twin (the caller gathers)."""
     src = _CpuBlocks(delta, weight)
     n = src.n
-    if n <= _SMALL:
+    if n <= _SMALL_CPU:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             return top_k_positions(src.all_keys(), k), None
     starts = src.starts

@@ -11,7 +11,7 @@ import hf_edit_patch as hep
 from hf_edit_patch.kernels import rect_select_reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 1), (1, 7), (7, 13), (33, 65), (129, 257), (1031, 1100)]  # the last one takes the sampled path
+SHAPES = [(1, 1), (1, 7), (7, 13), (33, 65), (129, 257), (1031, 1100)]  # the last two take the sampled CPU path
 
 
 def oracle_positions(delta: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
