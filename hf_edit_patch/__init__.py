@@ -84,7 +84,12 @@ if TYPE_CHECKING:
     from .storage import fingerprint
 
 
+_SUBPACKAGES = ("editors", "evaluation")  # imported on first access: `hep.evaluation.metrics`
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'hf_edit_patch' has no attribute {name!r}")
@@ -94,4 +99,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted([*__all__, *_SUBPACKAGES])
