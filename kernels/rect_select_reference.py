@@ -107,23 +107,21 @@ class _CpuBlocks:
 
     def keys(self, start: int, stop: int, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
         """Int32 keys of entries `[start, stop)` written into float32 `out`; `scratch` is a bool buffer."""
-        out = out[: stop - start]
-        np.divide(self._f32(self.delta[start:stop]), self._f32(self.weight[start:stop]), out=out)
+        return self._keys_of(slice(start, stop), out[: stop - start], scratch[: stop - start])
+
+    def _keys_of(self, where: slice, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        np.divide(self._f32(self.delta[where]), self._f32(self.weight[where]), out=out)
         keys = out.view(np.int32)
         np.bitwise_and(keys, 0x7FFFFFFF, out=keys)
-        nan = scratch[: stop - start]
-        np.greater(keys, _EXP_MASK, out=nan)
-        if nan.any():
-            np.copyto(keys, -1, where=nan)
+        np.greater(keys, _EXP_MASK, out=scratch)
+        if scratch.any():
+            np.copyto(keys, -1, where=scratch)
         return keys
 
     def sample_keys(self) -> np.ndarray:
         stride = max(1, self.n // min(_SAMPLE, self.n // 16))
-        sample = np.divide(self._f32(self.delta[::stride]), self._f32(self.weight[::stride]))
-        keys = sample.view(np.int32)
-        np.bitwise_and(keys, 0x7FFFFFFF, out=keys)
-        keys[keys > _EXP_MASK] = -1
-        return keys
+        size = len(range(0, self.n, stride))
+        return self._keys_of(slice(None, None, stride), np.empty(size, np.float32), np.empty(size, bool))
 
     def all_keys(self) -> torch.Tensor:
         out = np.empty(self.n, np.float32)
@@ -161,13 +159,12 @@ def _select_cpu(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torc
     """`(flat, values)` on CPU; `values` is None when ΔW's dtype has no NumPy twin (the caller gathers)."""
     src = _CpuBlocks(delta, weight)
     n = src.n
-    if n <= _SMALL_CPU:
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            return top_k_positions(src.all_keys(), k), None
     starts = src.starts
     n_blocks = len(starts)
     threads = _threads(n_blocks)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf and NaN are ranked on purpose
+        if n <= _SMALL_CPU:
+            return top_k_positions(src.all_keys(), k), None
         lo, hi = _band_limits(src.sample_keys(), n, k)
 
         # Pass 1: `kept` marks every key >= lo (the band and everything above it); the band's keys and
