@@ -142,21 +142,11 @@ def stats_kwargs(args) -> dict:
     return {"allow_model_sampled_stats": True, "stats_cache": cache}
 
 
-def mean_logprob(model, tok, text: str, target: str) -> float:
-    import torch
-
-    ids = tok(text).input_ids
-    tid = tok(" " + target, add_special_tokens=False).input_ids
-    device = next(model.parameters()).device
-    x = torch.tensor([ids + tid[:-1]], device=device)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
-    return float(torch.stack([logp[len(ids) - 1 + i, t] for i, t in enumerate(tid)]).mean())
-
-
 def new_beats_old(model, tok, req: dict) -> bool:
+    from hf_edit_patch.editors.common import target_logprob
+
     text = req["prompt"].format(req["subject"])
-    return mean_logprob(model, tok, text, req["target_new"]) > mean_logprob(model, tok, text, req["target_true"])
+    return target_logprob(model, tok, text, req["target_new"]) > target_logprob(model, tok, text, req["target_true"])
 
 
 def sync(args) -> None:

@@ -66,19 +66,10 @@ def facts(n_capitals: int) -> list[dict]:
     return out
 
 
-def mean_logprob(model, tok, text: str, target: str) -> float:
-    import torch
-
-    ids = tok(text).input_ids
-    tid = tok(" " + target, add_special_tokens=False).input_ids
-    x = torch.tensor([ids + tid[:-1]])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
-    return float(torch.stack([logp[len(ids) - 1 + i, t] for i, t in enumerate(tid)]).mean())
-
-
 def beats(model, tok, text: str, a: str, b: str) -> bool:
-    return mean_logprob(model, tok, text, a) > mean_logprob(model, tok, text, b)
+    from hf_edit_patch.editors.common import target_logprob
+
+    return target_logprob(model, tok, text, a) > target_logprob(model, tok, text, b)
 
 
 def scores(model, tok, f: dict) -> dict:

@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import assert_state_equal, snapshot
 
 import hf_edit_patch as hep
 from hf_edit_patch import models
+from hf_edit_patch.editors.common import target_logprob
 from hf_edit_patch.editors.stats import StatsCache
 
 pytestmark = [
@@ -62,18 +62,9 @@ def stats_args(tmp_path_factory):
     return {"allow_model_sampled_stats": True, "stats_cache": cache}
 
 
-def mean_logprob(model, tok, text: str, target: str) -> float:
-    ids = tok(text).input_ids
-    tid = tok(" " + target, add_special_tokens=False).input_ids
-    x = torch.tensor([ids + tid[:-1]])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
-    return float(torch.stack([logp[len(ids) - 1 + i, t] for i, t in enumerate(tid)]).mean())
-
-
 def succeeds(model, tok, text: str, new: str, old: str) -> bool:
     """CounterFact efficacy: the new target beats the old one by mean token log-probability."""
-    return mean_logprob(model, tok, text, new) > mean_logprob(model, tok, text, old)
+    return target_logprob(model, tok, text, new) > target_logprob(model, tok, text, old)
 
 
 @pytest.mark.parametrize("keep_ratio", [None, 0.4])

@@ -177,6 +177,16 @@ def target_token_ids(tokenizer, target: str) -> list[int]:
     return ids
 
 
+def target_logprob(model: nn.Module, tokenizer, text: str, target: str) -> float:
+    """Mean log-probability of `target`'s tokens (with a leading space) following `text`, teacher-forced."""
+    ids = tokenizer(text).input_ids
+    target_ids = target_token_ids(tokenizer, target)
+    x = torch.tensor([ids + target_ids[:-1]], device=model_device(model))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=x).logits[0, len(ids) - 1 :].float(), dim=-1)
+    return float(logp[torch.arange(len(target_ids)), torch.tensor(target_ids, device=logp.device)].mean())
+
+
 @contextlib.contextmanager
 def head_only_at(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
     """Makes the output head see only the hidden states at `(rows[i], cols[i])`: logits come back `[1, P, vocab]`.
@@ -286,8 +296,6 @@ def optimize_value(
     head_cols = torch.cat([torch.tensor(target_cols, device=device, dtype=torch.long), pos_idx[n_rewrite:]])
     n_target = len(target_cols)
     kl_rows = torch.arange(len(kl_prompts), device=device)
-    target_of = torch.tensor(target_rows, device=device)
-    per_row = torch.tensor([b - a for a, b in target_slices], device=device, dtype=torch.float32)
     wanted = target_ids.repeat(n_rewrite)
 
     with torch.no_grad(), applying(model, edits), head_only_at(model, kl_rows, pos_idx[n_rewrite:]):
@@ -310,13 +318,14 @@ def optimize_value(
                 head_only_at(model, head_rows, head_cols),
                 checkpointed_from(model, module) if hp.checkpoint_blocks else contextlib.nullcontext(),
             ):
-                logits = model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                ).logits[0].float()
+                logits = (
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                    .logits[0]
+                    .float()
+                )
                 logp = torch.log_softmax(logits, dim=-1)
-                token_nll = -logp[torch.arange(n_target, device=device), wanted]
-                # mean over each prompt's target tokens, then over prompts
-                nll = (torch.zeros(n_rewrite, device=device).index_add_(0, target_of, token_nll) / per_row).mean()
+                # every prompt has the same target tokens, so this is also the mean of the per-prompt means
+                nll = -logp[torch.arange(n_target, device=device), wanted].mean()
                 kl = torch.nn.functional.kl_div(logp[n_target:], kl_init, log_target=True, reduction="batchmean")
                 decay = delta.norm() ** 2 / v.norm() ** 2
                 loss = nll + hp.kl_factor * kl + hp.v_weight_decay * decay
