@@ -102,6 +102,67 @@ class EditRequest:
             neighborhood=[loc.removeprefix("nq question: ")] if isinstance(loc, str) and loc else [],
         )
 
+    @classmethod
+    def from_counterfact(cls, record: dict[str, Any]) -> EditRequest:
+        """From a CounterFact record.
+
+        Accepts the original format (`requested_rewrite` with `prompt`, `subject`, `target_new.str`,
+        `target_true.str`; `paraphrase_prompts`; `neighborhood_prompts`) and EasyEdit's flattened one (`prompt`
+        with the subject written in, `subject`, `target_new`, `ground_truth`, `rephrase_prompt`,
+        `locality_prompt`).
+        """
+        if not isinstance(record, dict):
+            raise EditRequestError(f"a CounterFact record must be a dict, got {type(record).__name__}")
+        if "requested_rewrite" in record:
+            rw = record["requested_rewrite"]
+            try:
+                prompt, subject = rw["prompt"], rw["subject"]
+                target_new, target_true = _cf_str(rw["target_new"]), _cf_str(rw.get("target_true"))
+            except (KeyError, TypeError) as exc:
+                raise EditRequestError(
+                    "a CounterFact 'requested_rewrite' needs 'prompt', 'subject' and 'target_new' ({'str': ...}); "
+                    f"missing or malformed {exc}"
+                ) from exc
+            paraphrases = record.get("paraphrase_prompts") or []
+            neighborhood = record.get("neighborhood_prompts") or []
+        else:
+            try:
+                filled, subject, target_new = record["prompt"], record["subject"], record["target_new"]
+            except KeyError as exc:
+                raise EditRequestError(
+                    "a CounterFact record needs 'requested_rewrite' (original format) or 'prompt', 'subject' and "
+                    f"'target_new' (EasyEdit format); missing {exc}"
+                ) from exc
+            if not isinstance(filled, str) or not isinstance(subject, str) or subject not in filled:
+                raise EditRequestError(f"the CounterFact subject {subject!r} does not occur in its prompt {filled!r}")
+            prompt = filled if "{}" in filled else filled.replace(subject, "{}", 1)
+            target_true = record.get("ground_truth")
+            paraphrases = _as_list(record.get("rephrase_prompt"))
+            neighborhood = _as_list(record.get("locality_prompt"))
+        if not isinstance(target_true, (str, type(None))):
+            raise EditRequestError(f"CounterFact target_true must be a string, got {target_true!r}")
+        return cls(
+            prompt=prompt,
+            subject=subject,
+            target_new=target_new,
+            target_true=target_true or None,
+            paraphrases=list(paraphrases),
+            neighborhood=list(neighborhood),
+        )
+
+
+def _cf_str(value: Any) -> Any:
+    """CounterFact targets are `{"str": ..., "id": ...}`; plain strings pass through."""
+    if value is None or isinstance(value, str):
+        return value
+    return value["str"]
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
 
 def as_requests(requests: Any) -> list[EditRequest]:
     """A list of `EditRequest` from one request, a dict, or a sequence of them."""

@@ -1,0 +1,345 @@
+"""Did the edit take, does it generalize, and did it leave the rest alone: reliability, generalization, locality.
+
+Two scoring rules, as in the literature:
+
+- `metric="accuracy"` (ZsRE, as in MEND/ROME/EasyEdit): token-level teacher-forced accuracy. The target's tokens
+  are appended to the prompt and the score is the fraction of them that the model predicts as its argmax.
+  Reliability reads the edit prompt, generalization its paraphrases. Locality reads the neighborhood prompts:
+  the base model's own greedy continuation of each (`locality_tokens` tokens, computed before any edit) is
+  teacher-forced through the edited model and the score is the fraction of those tokens it still predicts.
+  An unedited model scores exactly 1.0 on locality.
+- `metric="probability"` (CounterFact, as in ROME): a prompt counts as a success when the mean token
+  log-probability of `target_new` beats that of `target_true`; for neighborhood prompts (other subjects sharing
+  the true attribute) success is the opposite, `target_true` beating `target_new`. Needs `target_true`.
+
+Scores are means over requests of per-request means (over paraphrases, neighborhood prompts, target tokens), so
+every request weighs the same. A request without paraphrases (or neighborhood prompts) does not count towards
+generalization (or locality); a metric no request can measure is `None`.
+
+Example:
+    ```python
+    import json
+    import hf_edit_patch as hep
+
+    records = json.load(open("zsre_eval.json"))[:20]
+    requests = [hep.EditRequest.from_zsre(r) for r in records]
+    scores = hep.evaluation.evaluate_edits(model, tokenizer, requests, method="rome", keep_ratio=0.4,
+                                           mode="sequential", stats_dataset="wikitext")
+    scores["reliability"], scores["generalization"], scores["locality"]
+    ```
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..editors.common import model_device, pad_batch, pad_id, target_token_ids
+from ..requests import EditRequest, as_requests
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LocalityReference", "evaluate_edits", "locality_reference", "score_edits"]
+
+MODES = ("single", "sequential", "batch")
+METRICS = ("accuracy", "probability")
+METRIC_KEYS = ("reliability", "generalization", "locality")
+
+
+@dataclass(frozen=True)
+class LocalityReference:
+    """The base model's greedy continuations of the neighborhood prompts, keyed by prompt."""
+
+    tokens: dict[str, tuple[int, ...]]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; accepted: {choices}")
+    return value
+
+
+def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    ids = list(tokenizer(text).input_ids)
+    if not ids:
+        raise ValueError(f"the prompt {text!r} tokenizes to nothing")
+    return ids
+
+
+def _teacher_forced(
+    model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int], list[int]]], batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each (context ids, continuation ids): the argmax token and the log-probability of each continuation token.
+
+    Rows are right-padded (positions stay those of an unpadded run), so results do not depend on `batch_size`.
+    """
+    pad = pad_id(tokenizer)
+    device = model_device(model)
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            rows = [ctx + cont[:-1] for ctx, cont in chunk]
+            batch = pad_batch(rows, pad, device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            for i, (ctx, cont) in enumerate(chunk):
+                picked = logits[i, len(ctx) - 1 : len(ctx) - 1 + len(cont)].float()
+                logp = torch.log_softmax(picked, dim=-1)
+                target = torch.tensor(cont, device=logp.device)
+                out.append((picked.argmax(-1).cpu(), logp.gather(-1, target[:, None])[:, 0].cpu()))
+    return out
+
+
+def _neighborhood(requests: Sequence[EditRequest]) -> list[str]:
+    return sorted({p for r in requests for p in r.neighborhood})
+
+
+def locality_reference(
+    model: nn.Module, tokenizer: Any, requests: Any, *, locality_tokens: int = 5, batch_size: int = 16
+) -> LocalityReference:
+    """Greedy continuations of the requests' neighborhood prompts by `model` (call it before editing)."""
+    reqs = as_requests(requests)
+    _check_int("locality_tokens", locality_tokens, 1)
+    _check_int("batch_size", batch_size, 1)
+    prompts = _neighborhood(reqs)
+    contexts = {p: _prompt_ids(tokenizer, p) for p in prompts}
+    tokens: dict[str, list[int]] = {p: [] for p in prompts}
+    # Greedy decoding by repeated teacher forcing: exactly the argmax path, with no generation settings involved.
+    for _ in range(locality_tokens):
+        pairs = [(contexts[p] + tokens[p], [0]) for p in prompts]
+        for p, (argmax, _) in zip(prompts, _teacher_forced(model, tokenizer, pairs, batch_size), strict=True):
+            tokens[p].append(int(argmax[0]))
+    return LocalityReference({p: tuple(t) for p, t in tokens.items()})
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def score_edits(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Any,
+    *,
+    metric: str = "accuracy",
+    reference: LocalityReference | None = None,
+    batch_size: int = 16,
+    return_details: bool = False,
+) -> dict[str, float | None] | tuple[dict[str, float | None], list[dict[str, Any]]]:
+    """Scores `model` on the requests as they stand now (no editing); see the module docstring for the rules.
+
+    Args:
+        model: the (edited) model.
+        tokenizer: its tokenizer.
+        requests: `EditRequest`s or dicts.
+        metric: "accuracy" (ZsRE) or "probability" (CounterFact; every request needs `target_true`).
+        reference: for `metric="accuracy"`, the base model's `locality_reference` for these requests; without
+            it locality is `None`.
+        batch_size: sequences per forward pass.
+        return_details: also return one dict of per-request scores per request.
+
+    Returns:
+        `{"reliability", "generalization", "locality"}`, each a fraction in [0, 1] or None when no request has
+        the prompts it needs.
+    """
+    reqs = as_requests(requests)
+    _check_choice("metric", metric, METRICS)
+    _check_int("batch_size", batch_size, 1)
+    if metric == "probability":
+        missing = [i for i, r in enumerate(reqs) if not r.target_true]
+        if missing:
+            raise ValueError(
+                f"metric='probability' compares target_new with target_true, but request {missing[0]} has no "
+                "target_true; set it or use metric='accuracy'"
+            )
+    if reference is not None and not isinstance(reference, LocalityReference):
+        raise TypeError(f"reference must come from locality_reference(), got {type(reference).__name__}")
+    if reference is not None:
+        absent = [p for p in _neighborhood(reqs) if p not in reference.tokens]
+        if absent:
+            raise ValueError(f"the locality reference has no continuation for the neighborhood prompt {absent[0]!r}")
+
+    # One list of teacher-forced sequences for all requests, scored in shared batches.
+    pairs: list[tuple[list[int], list[int]]] = []
+    slots: list[tuple[int, str, str]] = []  # (request, kind, target)
+    for i, r in enumerate(reqs):
+        targets = ["new", "true"] if metric == "probability" else ["new"]
+        for kind, texts in (("reliability", [r.text]), ("generalization", r.paraphrases)):
+            for text in texts:
+                for t in targets:
+                    target = r.target_new if t == "new" else r.target_true
+                    pairs.append((_prompt_ids(tokenizer, text), target_token_ids(tokenizer, target)))
+                    slots.append((i, kind, t))
+        for text in r.neighborhood:
+            if metric == "probability":
+                for t in ("new", "true"):
+                    target = r.target_new if t == "new" else r.target_true
+                    pairs.append((_prompt_ids(tokenizer, text), target_token_ids(tokenizer, target)))
+                    slots.append((i, "locality", t))
+            elif reference is not None:
+                pairs.append((_prompt_ids(tokenizer, text), list(reference.tokens[text])))
+                slots.append((i, "locality", "ref"))
+
+    was_training = model.training
+    model.eval()
+    try:
+        results = _teacher_forced(model, tokenizer, pairs, batch_size)
+    finally:
+        model.train(was_training)
+
+    per_request: list[dict[str, list[float]]] = [{k: [] for k in METRIC_KEYS} for _ in reqs]
+    if metric == "accuracy":
+        for (i, kind, _), (argmax, _), (_, cont) in zip(slots, results, pairs, strict=True):
+            per_request[i][kind].append(float((argmax == torch.tensor(cont)).float().mean()))
+    else:  # consecutive (new, true) slots of one prompt
+        for j in range(0, len(slots), 2):
+            (i, kind, _), (_, lp_new), (_, lp_true) = slots[j], results[j], results[j + 1]
+            new_wins = float(lp_new.mean()) > float(lp_true.mean())
+            per_request[i][kind].append(float(new_wins if kind != "locality" else not new_wins))
+
+    details = [{k: _mean(v) for k, v in d.items()} for d in per_request]
+    scores = {k: _mean([d[k] for d in details if d[k] is not None]) for k in METRIC_KEYS}
+    return (scores, details) if return_details else scores
+
+
+def _groups(n: int, size: int) -> list[range]:
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def evaluate_edits(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Any,
+    *,
+    method: str = "rome",
+    keep_ratio: float | None = None,
+    regularizer: str | None = "rect",
+    hparams: Any = None,
+    mode: str = "single",
+    batch_size: int | None = None,
+    metric: str = "accuracy",
+    locality_tokens: int = 5,
+    eval_batch_size: int = 16,
+    return_details: bool = False,
+    show_progress: bool | None = None,
+    **edit_kwargs: Any,
+) -> dict[str, float | None] | tuple[dict[str, float | None], list[dict[str, Any]]]:
+    """Edits `model` with `requests`, scores the edits, and restores the model exactly.
+
+    Modes (the paper's settings):
+        - "single": each group of `batch_size` requests (default 1: instance editing) is edited into the
+          unedited model, scored, and taken off again.
+        - "batch": as "single" with `batch_size` defaulting to all requests (one batch edit).
+        - "sequential": the groups (default 1 request each) are edited one after another, each on top of the
+          previous ones; all requests are scored after the last edit.
+
+    Args:
+        model: a causal LM or a `PatchedModel` (edits stack on its active patches and are removed afterwards).
+        tokenizer: its tokenizer.
+        requests: `EditRequest`s or dicts (`EditRequest.from_zsre` / `from_counterfact` build them from records).
+        method, keep_ratio, regularizer, hparams: as in `hf_edit_patch.edit`.
+        mode: "single", "sequential" or "batch".
+        batch_size: requests per edit (see the modes).
+        metric: "accuracy" (ZsRE token accuracy) or "probability" (CounterFact comparison).
+        locality_tokens: tokens of the base model's continuation compared for locality (metric="accuracy").
+        eval_batch_size: sequences per forward pass while scoring.
+        return_details: also return per-request scores (with the edit group each request belonged to).
+        **edit_kwargs: passed to `hf_edit_patch.edit` (e.g. `stats_dataset`, `stats_cache`, `templates`).
+
+    Returns:
+        `{"reliability", "generalization", "locality"}` as fractions in [0, 1] (None where no request has the
+        prompts a metric needs).
+    """
+    from ..editing import edit as run_edit
+    from ..patched_model import PatchedModel
+
+    reqs = as_requests(requests)
+    _check_choice("mode", mode, MODES)
+    _check_choice("metric", metric, METRICS)
+    _check_int("locality_tokens", locality_tokens, 1)
+    _check_int("eval_batch_size", eval_batch_size, 1)
+    if batch_size is None:
+        batch_size = len(reqs) if mode == "batch" else 1
+    _check_int("batch_size", batch_size, 1)
+    if metric == "probability" and any(not r.target_true for r in reqs):
+        raise ValueError("metric='probability' needs target_true on every request; use metric='accuracy'")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a PatchedModel, got {type(model).__name__}")
+
+    pm = model if getattr(model, "is_patched_model", False) else PatchedModel(model)
+    reference = (
+        locality_reference(pm, tokenizer, reqs, locality_tokens=locality_tokens, batch_size=eval_batch_size)
+        if metric == "accuracy"
+        else None
+    )
+    groups = _groups(len(reqs), batch_size)
+    added: list[str] = []
+    details: list[dict[str, Any]] = [{} for _ in reqs]
+    tag = f"_evaluate_edits_{id(reqs)}"
+
+    def edit_group(g: int, group: range) -> None:
+        name = f"{tag}_{g}"
+        patch = run_edit(
+            pm,
+            tokenizer,
+            [reqs[i] for i in group],
+            method=method,
+            keep_ratio=keep_ratio,
+            regularizer=regularizer,
+            hparams=hparams,
+            show_progress=False if show_progress is None else show_progress,
+            **edit_kwargs,
+        )
+        pm.add_patch(patch, name)
+        added.append(name)
+
+    def score(indices: Sequence[int]) -> None:
+        _, per = score_edits(
+            pm,
+            tokenizer,
+            [reqs[i] for i in indices],
+            metric=metric,
+            reference=reference,
+            batch_size=eval_batch_size,
+            return_details=True,
+        )
+        for i, d in zip(indices, per, strict=True):
+            details[i] = {"request": i, "group": i // batch_size, **d}
+
+    bar = tqdm(groups, desc=f"Editing ({mode})", unit="edit", disable=(show_progress is False) or None)
+    try:
+        for g, group in enumerate(bar):
+            edit_group(g, group)
+            if mode != "sequential":
+                score(group)
+                pm.remove_patch(added.pop())
+        if mode == "sequential":
+            score(range(len(reqs)))
+    finally:
+        bar.close()
+        for name in reversed(added):
+            pm.remove_patch(name)
+        if pm is not model:
+            pm.unload()
+
+    scores = {k: _mean([d[k] for d in details if d.get(k) is not None]) for k in METRIC_KEYS}
+    logger.info(
+        "%s edits (%s, %s): reliability %s, generalization %s, locality %s",
+        len(reqs),
+        method,
+        mode,
+        *(f"{scores[k]:.3f}" if scores[k] is not None else "n/a" for k in METRIC_KEYS),
+    )
+    return (scores, details) if return_details else scores
