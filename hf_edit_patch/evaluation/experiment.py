@@ -1,0 +1,661 @@
+"""The paper's experiments: edit a model step by step and measure what each step costs.
+
+Settings (Gu et al. 2024): *single* editing starts every edit from the unedited model, *sequential* editing stacks
+each edit on the previous ones; an edit holds one request (*instance*) or `batch_size` requests (*batch*). Each
+run is one editor × regularizer × setting over the first `max(checkpoints)` requests; at every checkpoint (number
+of edited requests) it records:
+
+- editing metrics on the requests edited so far (`score_edits`: reliability, generalization, locality),
+- next-token drift against the base model on neutral text (`drift`: KL, perplexity),
+- the paper's weight statistics (`weight_change_stats`) and a pooled |ΔW| map of the first edited matrix,
+- the eight general-ability tasks (`run_general_tasks`), when `tasks` is not empty.
+
+Results go to `<output_dir>/results.json`, rewritten atomically after every checkpoint. Sequential runs save each
+edit as a patch under `<output_dir>/patches/<run>/`; a rerun with the same configuration skips finished
+checkpoints and re-attaches the saved patches (stacking is exact) instead of recomputing them. Plots are written
+as PNG by `plot_results`.
+
+Usage:
+    ```bash
+    python scripts/run_experiment.py --data ../shared/data/editing/zsre_eval.json --method rome \\
+        --regularizers none rect:0.4 random:0.4 pca:0.4 --checkpoints 10 20 30 --output-dir out/exp
+    hf-edit-patch experiment --help        # the same, from the command line tool
+    ```
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExperimentConfig", "load_zsre", "main", "plot_results", "run_experiment"]
+
+SETTINGS = ("sequential", "single")
+UNITS = ("instance", "batch")
+REGULARIZERS = ("none", "rect", "random", "pca")
+RESULTS_FILE = "results.json"
+HEATMAP_SIZE = 64
+TASKS = ("reasoning", "nli", "open_qa", "closed_qa", "dialogue", "summarization", "ner", "sentiment")
+
+
+def _parse_regularizer(spec: str) -> tuple[str, float | None]:
+    """ "rect:0.4" → ("rect", 0.4); "none" → ("none", None)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"a regularizer is a string like 'rect:0.4' or 'none', got {spec!r}")
+    name, _, ratio = spec.partition(":")
+    if name not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {name!r} in {spec!r}; accepted: {REGULARIZERS} (e.g. 'rect:0.4')")
+    if name == "none":
+        if ratio:
+            raise ValueError(f"'none' takes no keep ratio, got {spec!r}")
+        return name, None
+    try:
+        keep = float(ratio)
+    except ValueError:
+        raise ValueError(f"regularizer {spec!r} needs a keep ratio in (0, 1], e.g. '{name}:0.4'") from None
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep ratio of {spec!r} must be in (0, 1]")
+    return name, keep
+
+
+@dataclass
+class ExperimentConfig:
+    """What to run. Every field is recorded in the results; a resumed run must match it."""
+
+    data: str
+    method: str = "rome"
+    regularizers: list[str] = field(default_factory=lambda: ["none", "rect:0.4"])
+    setting: str = "sequential"
+    unit: str = "instance"
+    batch_size: int = 10
+    checkpoints: list[int] = field(default_factory=lambda: [1, 10, 50, 100])
+    seed: int = 0
+    model: str | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    task_limit: int | None = 50
+    task_batch_size: int = 16
+    task_data_dir: str | None = None
+    drift_texts: str | None = None
+    drift_text_field: str = "passage"
+    drift_n: int = 64
+    stats_dataset: str | None = None
+    stats_text_field: str = "text"
+    single_task_edits: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rome", "memit", "ft"):
+            raise ValueError(f"unknown method {self.method!r}; accepted: ('rome', 'memit', 'ft')")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}; accepted: {SETTINGS}")
+        if self.unit not in UNITS:
+            raise ValueError(f"unknown unit {self.unit!r}; accepted: {UNITS}")
+        for spec in self.regularizers:
+            _parse_regularizer(spec)
+        if len(set(self.regularizers)) != len(self.regularizers):
+            raise ValueError(f"regularizers repeat: {self.regularizers}")
+        if not self.checkpoints or any(not isinstance(c, int) or c < 1 for c in self.checkpoints):
+            raise ValueError(f"checkpoints must be positive integers, got {self.checkpoints}")
+        self.checkpoints = sorted(set(self.checkpoints))
+        if self.unit == "batch":
+            if self.batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            if self.setting == "sequential" and any(c % self.batch_size for c in self.checkpoints):
+                raise ValueError(
+                    f"sequential batch editing edits {self.batch_size} requests at a time: every checkpoint must be "
+                    f"a multiple of batch_size, got {self.checkpoints}"
+                )
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; accepted: {TASKS}")
+        if self.task_limit is not None and self.task_limit < 1:
+            raise ValueError(f"task_limit must be >= 1 or None, got {self.task_limit}")
+        if self.drift_n < 1 or self.single_task_edits < 1:
+            raise ValueError("drift_n and single_task_edits must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_names(self) -> list[str]:
+        return [self.run_name(spec) for spec in self.regularizers]
+
+    def run_name(self, spec: str) -> str:
+        return f"{self.method}-{self.setting}-{self.unit}-{spec.replace(':', '')}-seed{self.seed}"
+
+
+def load_zsre(path: str | os.PathLike, n: int, seed: int = 0) -> list[Any]:
+    """The first `n` usable ZsRE records as `EditRequest`s: distinct subjects, no record that cannot be a request.
+
+    `seed` 0 keeps the file order; another seed shuffles the records first (a different record order).
+    """
+    import random
+
+    from ..requests import EditRequest, EditRequestError
+
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of ZsRE records")
+    if seed:
+        random.Random(seed).shuffle(records)
+    out, subjects = [], set()
+    for record in records:
+        try:
+            req = EditRequest.from_zsre(record)
+        except EditRequestError:
+            continue
+        if req.subject.lower() in subjects:
+            continue
+        subjects.add(req.subject.lower())
+        out.append(req)
+        if len(out) == n:
+            return out
+    raise ValueError(f"{path} has only {len(out)} usable records with distinct subjects; {n} were asked for")
+
+
+def _neutral_texts(config: ExperimentConfig) -> list[str]:
+    """Texts for drift: the last `drift_n` records of a local file (the statistics read its first ones)."""
+    path = config.drift_texts
+    if path is None:
+        raise ValueError("drift needs neutral texts: pass drift_texts (a .txt, .json or .jsonl file)")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in f if line.strip()]
+        elif path.endswith(".json"):
+            rows = json.load(f)
+        else:
+            rows = [line.strip() for line in f if line.strip()]
+    texts = [r if isinstance(r, str) else r[config.drift_text_field] for r in rows]
+    if len(texts) < config.drift_n:
+        raise ValueError(f"{path} has {len(texts)} texts; drift_n={config.drift_n}")
+    return texts[-config.drift_n :]
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    from ..fileio import atomic_write
+
+    atomic_write(str(path), json.dumps(data, indent=1, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def _pooled_abs(delta: Any, size: int = HEATMAP_SIZE) -> list[list[float]]:
+    """Mean |ΔW| over a `size`×`size` grid of blocks (a picture of where the update lands)."""
+    import torch.nn.functional as F
+
+    d = delta.detach().float().abs()[None, None]
+    return F.adaptive_avg_pool2d(d, (min(size, d.shape[2]), min(size, d.shape[3])))[0, 0].tolist()
+
+
+class _Runner:
+    def __init__(
+        self, config: ExperimentConfig, output_dir: Path, show_progress: bool | None, model: Any, tokenizer: Any
+    ) -> None:
+        self.config = config
+        self.model, self.tokenizer = model, tokenizer
+        self.out = output_dir
+        self.show = show_progress
+        self.results_path = output_dir / RESULTS_FILE
+        self.results = self._load_or_start()
+
+    # ------------------------------------------------------------------ results file
+    def _load_or_start(self) -> dict[str, Any]:
+        config = self.config.to_dict()
+        if self.results_path.exists():
+            with open(self.results_path, encoding="utf-8") as f:
+                results = json.load(f)
+            old = dict(results.get("config", {}))
+            new = dict(config)
+            for key in ("regularizers", "checkpoints"):  # these may grow between runs
+                old.pop(key, None)
+                new.pop(key, None)
+            if old != new:
+                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise ValueError(
+                    f"{self.results_path} holds results of a different configuration (differs in {changed}); "
+                    "use another --output-dir, or delete the file to start over"
+                )
+            results["config"] = config
+            return results
+        return {"config": config, "base": None, "runs": {}}
+
+    def _save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_json(self.results_path, self.results)
+
+    # ------------------------------------------------------------------ model and data
+    def setup(self) -> None:
+        from ..editors.stats import StatsCache
+        from ..models import load_default_model
+
+        c = self.config
+        self.requests = load_zsre(c.data, max(c.checkpoints), seed=c.seed)
+        if self.model is None:
+            self.model, self.tokenizer = load_default_model(c.model)
+        self.model.eval()
+        self.neutral = _neutral_texts(c)
+        self.edit_kwargs: dict[str, Any] = {
+            "hparams": c.hparams or None,
+            "stats_cache": StatsCache(),
+            "stats_text_field": c.stats_text_field,
+        }
+        if c.stats_dataset:
+            self.edit_kwargs["stats_dataset"] = c.stats_dataset
+        else:
+            self.edit_kwargs["allow_model_sampled_stats"] = True
+
+    def _tasks(self, model: Any) -> dict[str, float]:
+        if not self.config.tasks:
+            return {}
+        from .tasks import run_general_tasks
+
+        return run_general_tasks(
+            model,
+            self.tokenizer,
+            tasks=tuple(self.config.tasks),
+            limit=self.config.task_limit,
+            data_dir=self.config.task_data_dir,
+            batch_size=self.config.task_batch_size,
+            show_progress=self.show,
+        )
+
+    def measure_base(self) -> None:
+        from ..patched_model import PatchedModel
+        from .drift import drift
+        from .editing import locality_reference, score_edits
+
+        self.reference = locality_reference(self.model, self.tokenizer, self.requests)
+        if self.results.get("base") is not None:
+            return
+        t0 = time.perf_counter()
+        pm = PatchedModel(self.model)
+        base = {
+            "drift": drift(None, pm, self.tokenizer, self.neutral),
+            "tasks": self._tasks(self.model),
+        }
+        pm.unload()
+        base["editing"] = score_edits(self.model, self.tokenizer, self.requests, reference=self.reference)
+        base["seconds"] = time.perf_counter() - t0
+        self.results["base"] = base
+        self._save()
+
+    # ------------------------------------------------------------------ measurements
+    def _measure(self, pm: Any, edited: Sequence[Any], base_weights: dict[str, Any], seconds: float) -> dict:
+        from .drift import drift
+        from .editing import score_edits
+        from .weights import weight_change_stats
+
+        t0 = time.perf_counter()
+        point: dict[str, Any] = {
+            "editing": score_edits(pm, self.tokenizer, list(edited), reference=self.reference),
+            "drift": drift(None, pm, self.tokenizer, self.neutral),
+        }
+        stats = weight_change_stats(base_weights, pm) if base_weights else None
+        if stats is not None:
+            stats["frac_rel_change_gt"] = {str(k): v for k, v in stats["frac_rel_change_gt"].items()}
+            point["weights"] = stats
+            first = sorted(base_weights)[0]
+            current = dict(pm.base_model.named_parameters())[first]
+            point["heatmap"] = {"module": first, "abs_delta": _pooled_abs(current.detach() - base_weights[first])}
+            point["nnz"] = sum(p.nnz for p in pm.patches.values())
+        point["tasks"] = self._tasks(pm)
+        point["edit_seconds"] = seconds
+        point["measure_seconds"] = time.perf_counter() - t0
+        return point
+
+    def _edit(self, pm: Any, requests: Sequence[Any], spec: str) -> Any:
+        from ..editing import edit
+
+        name, keep = _parse_regularizer(spec)
+        return edit(
+            pm,
+            self.tokenizer,
+            list(requests),
+            method=self.config.method,
+            keep_ratio=keep,
+            regularizer="rect" if name == "none" else name,
+            show_progress=False,
+            **self.edit_kwargs,
+        )
+
+    def _weight_names(self, patch: Any) -> dict[str, Any]:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        names = {f"{m}.weight" for m in patch.target_modules}
+        return {n: params[n].detach().clone() for n in sorted(names) if n in params}
+
+    # ------------------------------------------------------------------ runs
+    def run_sequential(self, spec: str) -> None:
+        from ..patch import EditPatch
+        from ..patched_model import PatchedModel
+
+        c = self.config
+        run_name = c.run_name(spec)
+        run = self.results["runs"].setdefault(run_name, {"regularizer": spec, "checkpoints": {}})
+        step = c.batch_size if c.unit == "batch" else 1
+        todo = [n for n in c.checkpoints if str(n) not in run["checkpoints"]]
+        if not todo:
+            return
+        patch_dir = self.out / "patches" / run_name
+        pm = PatchedModel(self.model)
+        base_weights: dict[str, Any] = {}
+        edit_seconds = 0.0
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max(todo), desc=run_name, unit="request", disable=(self.show is False) or None)
+            done = 0
+            while done < max(todo):
+                group = self.requests[done : done + step]
+                folder = patch_dir / f"{done + len(group):05d}"
+                t0 = time.perf_counter()
+                if (folder / "patch_config.json").exists():
+                    patch = EditPatch.from_pretrained(folder)
+                    if patch.config.requests != [r.to_dict() for r in group]:
+                        raise ValueError(f"{folder} holds a patch for other requests; delete it to recompute")
+                else:
+                    patch = self._edit(pm, group, spec)
+                    patch.save_pretrained(folder)
+                    edit_seconds += time.perf_counter() - t0
+                if not base_weights:
+                    base_weights = self._weight_names(patch)
+                pm.add_patch(patch, f"edit{done}")
+                done += len(group)
+                bar.update(len(group))
+                if done in todo:
+                    point = self._measure(pm, self.requests[:done], base_weights, edit_seconds)
+                    run["checkpoints"][str(done)] = point
+                    self._save()
+                    logger.info("%s @ %d: %s", run_name, done, _summary(point))
+            bar.close()
+        finally:
+            pm.unload()
+
+    def run_single(self, spec: str) -> None:
+        from ..patched_model import PatchedModel
+
+        c = self.config
+        run_name = c.run_name(spec)
+        run = self.results["runs"].setdefault(run_name, {"regularizer": spec, "checkpoints": {}})
+        for n in c.checkpoints:
+            if str(n) in run["checkpoints"]:
+                continue
+            pm = PatchedModel(self.model)
+            try:
+                groups = [self.requests[:n]] if c.unit == "batch" else [[r] for r in self.requests[:n]]
+                points, edit_seconds = [], 0.0
+                for i, group in enumerate(groups):
+                    t0 = time.perf_counter()
+                    patch = self._edit(pm, group, spec)
+                    edit_seconds += time.perf_counter() - t0
+                    pm.add_patch(patch, "edit")
+                    if i < c.single_task_edits:
+                        points.append(self._measure(pm, group, self._weight_names(patch), edit_seconds))
+                    else:
+                        from .editing import score_edits
+
+                        points.append({"editing": score_edits(pm, self.tokenizer, group, reference=self.reference)})
+                    pm.remove_patch("edit")
+                run["checkpoints"][str(n)] = _average_points(points)
+                self._save()
+            finally:
+                pm.unload()
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        self.measure_base()
+        for spec in self.config.regularizers:
+            if self.config.setting == "sequential":
+                self.run_sequential(spec)
+            else:
+                self.run_single(spec)
+        return self.results
+
+
+def _average_points(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of numeric leaves over the points that have them (single editing averages its edits)."""
+
+    def merge(values: list[Any]) -> Any:
+        if all(isinstance(v, dict) for v in values):
+            keys = {k for v in values for k in v}
+            return {k: merge([v[k] for v in values if k in v]) for k in keys}
+        nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if nums and len(nums) == len(values):
+            return sum(nums) / len(nums)
+        return values[0]
+
+    out = merge(points)
+    out["n_edits_averaged"] = len(points)
+    return out
+
+
+def _summary(point: dict[str, Any]) -> str:
+    e, d = point["editing"], point["drift"]
+    parts = [f"{k} {v:.3f}" for k, v in e.items() if v is not None]
+    parts.append(f"KL {d['kl']:.4f}, ppl {d['ppl_edited']:.2f}")
+    return ", ".join(parts)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    output_dir: str | os.PathLike,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    show_progress: bool | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Runs (or resumes) an experiment and returns its results (also in `<output_dir>/results.json`).
+
+    `model` and `tokenizer` default to loading `config.model` (the default model when None); pass them to run on
+    a model already in memory (`config.model` is then only recorded).
+    """
+    if (model is None) != (tokenizer is None):
+        raise ValueError("pass both model and tokenizer, or neither")
+    out = Path(output_dir)
+    runner = _Runner(config, out, show_progress, model, tokenizer)
+    results = runner.run()
+    if plots:
+        plot_results(results, out)
+    return results
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def _series(results: dict[str, Any], getter: Any) -> dict[str, tuple[list[int], list[float]]]:
+    """{regularizer: (edits, values)} including the base model at 0 edits where the getter applies to it."""
+    out = {}
+    base = results.get("base")
+    for run in results["runs"].values():
+        xs, ys = [], []
+        if base is not None:
+            try:
+                xs.append(0)
+                ys.append(getter(base))
+            except (KeyError, TypeError):
+                xs.pop()
+        for n, point in sorted(run["checkpoints"].items(), key=lambda kv: int(kv[0])):
+            try:
+                y = getter(point)
+            except (KeyError, TypeError):
+                continue
+            if y is not None:
+                xs.append(int(n))
+                ys.append(y)
+        out[run["regularizer"]] = (xs, ys)
+    return out
+
+
+def plot_results(results: dict[str, Any], output_dir: str | os.PathLike) -> list[str]:
+    """Writes `scores.png` (editing metrics, drift and task scores vs number of edits, one line per regularizer)
+    and `heatmap.png` (pooled |ΔW| of the first edited matrix at the last checkpoint); returns their paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError('plots need matplotlib: pip install "hf_edit_patch[eval]"') from exc
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    panels: list[tuple[str, Any]] = [
+        ("reliability", lambda p: p["editing"]["reliability"]),
+        ("generalization", lambda p: p["editing"]["generalization"]),
+        ("locality", lambda p: p["editing"]["locality"]),
+        ("KL(base‖edited), nats", lambda p: p["drift"]["kl"]),
+        ("perplexity", lambda p: p["drift"]["ppl_edited"]),
+        ("entries with |ΔW/W| > 0.077", lambda p: p["weights"]["frac_rel_change_gt"]["0.077"]),
+    ]
+    tasks = sorted({t for run in results["runs"].values() for p in run["checkpoints"].values() for t in p["tasks"]})
+    panels += [(f"task: {t}", lambda p, t=t: p["tasks"][t]) for t in tasks]
+    cols = 4
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.1 * rows), squeeze=False)
+    for ax, (title, getter) in zip(axes.flat, panels, strict=False):
+        for label, (xs, ys) in _series(results, getter).items():
+            if xs:
+                ax.plot(xs, ys, marker="o", label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    config = results.get("config", {})
+    fig.suptitle(
+        f"{config.get('method', '')} {config.get('setting', '')} × {config.get('unit', '')} on "
+        f"{config.get('model') or 'SmolLM2-135M-Instruct'}",
+        fontsize=12,
+    )
+    fig.tight_layout()
+    paths = [str(out / "scores.png")]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    maps = []
+    for run in results["runs"].values():
+        points = sorted(run["checkpoints"].items(), key=lambda kv: int(kv[0]))
+        if points and "heatmap" in points[-1][1]:
+            maps.append((run["regularizer"], points[-1][0], points[-1][1]["heatmap"]))
+    if maps:
+        import numpy as np
+
+        vmax = max(float(np.max(m["abs_delta"])) for _, _, m in maps) or 1.0
+        fig, axes = plt.subplots(1, len(maps), figsize=(3.6 * len(maps), 3.6), squeeze=False)
+        for ax, (label, n, m) in zip(axes.flat, maps, strict=True):
+            im = ax.imshow(np.asarray(m["abs_delta"]), cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+            ax.set_title(f"{label}, {n} edits", fontsize=10)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(im, ax=list(axes.flat), shrink=0.8, label="mean |ΔW| per block")
+        fig.suptitle(f"|ΔW| of {maps[0][2]['module']}", fontsize=11)
+        paths.append(str(out / "heatmap.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(description="Edit a model step by step and measure what it costs.")
+    p.add_argument("--data", required=True, help="ZsRE records (a JSON list, e.g. zsre_eval.json)")
+    p.add_argument("--output-dir", required=True, help="results.json, patches and plots go here (resumable)")
+    p.add_argument("--method", default="rome", choices=("rome", "memit", "ft"))
+    p.add_argument(
+        "--regularizers",
+        nargs="+",
+        default=["none", "rect:0.4"],
+        help="none, rect:K, random:K, pca:K with K the keep ratio (default: none rect:0.4)",
+    )
+    p.add_argument("--setting", default="sequential", choices=SETTINGS)
+    p.add_argument("--unit", default="instance", choices=UNITS, help="one request per edit, or --batch-size")
+    p.add_argument("--batch-size", type=int, default=10, help="requests per edit with --unit batch (default: 10)")
+    p.add_argument("--checkpoints", type=int, nargs="+", default=[1, 10, 50, 100], help="edits to measure at")
+    p.add_argument("--seed", type=int, default=0, help="record order: 0 keeps the file's order")
+    p.add_argument("--model", default=None, help="model id or folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--hparams", default=None, help="editor hyperparameters as JSON (e.g. '{\"layer\": 5}')")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), help=f"general tasks (default: all of {TASKS})")
+    p.add_argument("--task-limit", type=int, default=50, help="examples per task (default: 50; 0 for all)")
+    p.add_argument("--task-batch-size", type=int, default=16)
+    p.add_argument("--task-data-dir", default=None, help="folder with the task files (else `datasets` by name)")
+    p.add_argument("--drift-texts", required=True, help="neutral texts for drift (.txt, .json or .jsonl)")
+    p.add_argument("--drift-text-field", default="passage", help="field of a JSON record holding the text")
+    p.add_argument("--drift-n", type=int, default=64, help="texts for drift (the file's last ones; default 64)")
+    p.add_argument("--stats-dataset", default=None, help="corpus for the key statistics (else model-sampled text)")
+    p.add_argument("--stats-text-field", default="text")
+    p.add_argument("--single-task-edits", type=int, default=1, help="single editing: edits measured in full")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    try:
+        hparams = json.loads(args.hparams) if args.hparams else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--hparams is not valid JSON: {exc}") from exc
+    if not isinstance(hparams, dict):
+        raise ValueError(f"--hparams must be a JSON object, got {args.hparams!r}")
+    return ExperimentConfig(
+        data=args.data,
+        method=args.method,
+        regularizers=list(args.regularizers),
+        setting=args.setting,
+        unit=args.unit,
+        batch_size=args.batch_size,
+        checkpoints=list(args.checkpoints),
+        seed=args.seed,
+        model=args.model,
+        hparams=hparams,
+        tasks=list(args.tasks),
+        task_limit=args.task_limit or None,
+        task_batch_size=args.task_batch_size,
+        task_data_dir=args.task_data_dir,
+        drift_texts=args.drift_texts,
+        drift_text_field=args.drift_text_field,
+        drift_n=args.drift_n,
+        stats_dataset=args.stats_dataset,
+        stats_text_field=args.stats_text_field,
+        single_task_edits=args.single_task_edits,
+    )
+
+
+def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    if args is None:
+        args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+        for path, what in ((config.data, "--data"), (config.drift_texts, "--drift-texts")):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{what}: no such file {path!r}")
+        results = run_experiment(config, args.output_dir, plots=not args.no_plots)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    for name, run in results["runs"].items():
+        for n, point in sorted(run["checkpoints"].items(), key=lambda kv: int(kv[0])):
+            sys.stdout.write(f"{name} @ {n} edits: {_summary(point)}\n")
+    sys.stdout.write(f"Results in {Path(args.output_dir) / RESULTS_FILE}\n")
+    return 0

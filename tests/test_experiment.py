@@ -1,0 +1,205 @@
+"""The experiment runner on a tiny model: what a run records, resuming from saved patches, single vs sequential
+settings, configuration checks, plots and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import assert_state_equal, snapshot
+from test_editors import llama4, tiny_tokenizer
+
+import hf_edit_patch.editing as editing
+from hf_edit_patch.evaluation import experiment as ex
+
+SUBJECTS = ["the eiffel tower", "the louvre", "big ben", "the colosseum", "tokyo", "berlin"]
+TARGETS = ["rome", "london", "paris", "japan", "italy", "france"]
+FT = {"norm_constraint": 0.2, "lr": 0.02}
+
+
+def zsre_records() -> list[dict]:
+    records = [
+        {
+            "subject": s,
+            "src": f"where is {s} ? in",
+            "rephrase": f"{s} is in the city of",
+            "alt": t,
+            "answers": ["berlin"],
+            "loc": "nq question: the capital of germany is",
+            "loc_ans": "berlin",
+        }
+        for s, t in zip(SUBJECTS, TARGETS, strict=True)
+    ]
+    records.insert(2, dict(records[0], alt="tokyo"))  # a repeated subject is skipped
+    return records
+
+
+@pytest.fixture
+def files(tmp_path):
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps(zsre_records()))
+    texts = tmp_path / "neutral.txt"
+    texts.write_text(
+        "\n".join(["the river is blue and green .", "one two three four five six .", "he was in a city ."])
+    )
+    return data, texts
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def config(files, **kw):
+    data, texts = files
+    base = {
+        "data": str(data),
+        "method": "ft",
+        "hparams": FT,
+        "regularizers": ["none", "rect:0.4"],
+        "checkpoints": [2, 4],
+        "tasks": [],
+        "drift_texts": str(texts),
+        "drift_n": 3,
+    }
+    return ex.ExperimentConfig(**{**base, **kw})
+
+
+def test_load_zsre_skips_repeated_subjects_and_shuffles_by_seed(files):
+    reqs = ex.load_zsre(files[0], 6)
+    assert [r.subject for r in reqs] == SUBJECTS
+    assert reqs[0].target_new == "rome"  # the first record of a subject wins
+    shuffled = ex.load_zsre(files[0], 6, seed=3)
+    assert sorted(r.subject for r in shuffled) == sorted(SUBJECTS)
+    with pytest.raises(ValueError, match="only 6 usable"):
+        ex.load_zsre(files[0], 7)
+
+
+def test_sequential_run_records_every_checkpoint_and_restores_the_model(files, tok, tmp_path):
+    model = llama4(tok)
+    before = snapshot(model)
+    out = tmp_path / "out"
+    results = ex.run_experiment(config(files), out, model=model, tokenizer=tok, show_progress=False)
+    assert_state_equal(model, before)
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["base"]["drift"]["kl"] == 0.0
+    assert results["base"]["editing"]["locality"] == 1.0
+    runs = results["runs"]
+    assert set(runs) == {"ft-sequential-instance-none-seed0", "ft-sequential-instance-rect0.4-seed0"}
+    for run in runs.values():
+        assert list(run["checkpoints"]) == ["2", "4"]
+        for point in run["checkpoints"].values():
+            assert point["editing"]["reliability"] > results["base"]["editing"]["reliability"]
+            assert point["drift"]["kl"] > 0.0
+            assert point["weights"]["n_matrices"] == 1
+            assert len(point["heatmap"]["abs_delta"]) == min(ex.HEATMAP_SIZE, 48)
+            assert point["nnz"] > 0
+        assert len(list((out / "patches").glob("*/*/patch_config.json"))) == 8
+    none, rect = (runs[k]["checkpoints"]["4"] for k in sorted(runs))
+    # RECT keeps 40% of each update: fewer entries change, and by less in total.
+    assert rect["nnz"] < none["nnz"]
+    assert rect["weights"]["manhattan"] < none["weights"]["manhattan"]
+    # More sequential edits, more weight change.
+    first, last = (runs["ft-sequential-instance-none-seed0"]["checkpoints"][n] for n in ("2", "4"))
+    assert last["weights"]["manhattan"] > first["weights"]["manhattan"]
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["heatmap.png", "scores.png"]
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_resume_reuses_saved_patches_and_finished_checkpoints(files, tok, tmp_path, monkeypatch):
+    model = llama4(tok)
+    out = tmp_path / "out"
+    first = ex.run_experiment(
+        config(files, checkpoints=[2], regularizers=["rect:0.4"]), out, model=model, tokenizer=tok, plots=False
+    )
+    calls = []
+    real = editing.edit
+    monkeypatch.setattr(editing, "edit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = ex.run_experiment(
+        config(files, checkpoints=[2, 4], regularizers=["rect:0.4"]), out, model=model, tokenizer=tok, plots=False
+    )
+    assert len(calls) == 2  # edits 3 and 4 only; 1 and 2 come back from their saved patches
+    name = "ft-sequential-instance-rect0.4-seed0"
+    assert second["runs"][name]["checkpoints"]["2"] == first["runs"][name]["checkpoints"]["2"]
+    # The resumed checkpoint equals a run from scratch: re-attached patches are exact.
+    fresh = ex.run_experiment(
+        config(files, checkpoints=[2, 4], regularizers=["rect:0.4"]),
+        tmp_path / "fresh",
+        model=model,
+        tokenizer=tok,
+        plots=False,
+    )
+    for key in ("editing", "drift", "weights", "nnz"):
+        assert second["runs"][name]["checkpoints"]["4"][key] == fresh["runs"][name]["checkpoints"]["4"][key]
+
+
+def test_a_different_configuration_is_refused(files, tok, tmp_path):
+    model = llama4(tok)
+    out = tmp_path / "out"
+    ex.run_experiment(
+        config(files, checkpoints=[2], regularizers=["none"]), out, model=model, tokenizer=tok, plots=False
+    )
+    saved = (out / "results.json").read_text()
+    with pytest.raises(ValueError, match=r"different configuration \(differs in \['seed'\]\)"):
+        ex.run_experiment(config(files, checkpoints=[2], seed=1), out, model=model, tokenizer=tok, plots=False)
+    assert (out / "results.json").read_text() == saved
+
+
+def test_single_batch_edits_each_checkpoint_from_the_base(files, tok, tmp_path):
+    model = llama4(tok)
+    before = snapshot(model)
+    results = ex.run_experiment(
+        config(files, setting="single", unit="batch", checkpoints=[1, 3], regularizers=["none"]),
+        tmp_path / "out",
+        model=model,
+        tokenizer=tok,
+        plots=False,
+    )
+    assert_state_equal(model, before)
+    points = results["runs"]["ft-single-batch-none-seed0"]["checkpoints"]
+    assert points["1"]["n_edits_averaged"] == 1 and points["3"]["n_edits_averaged"] == 1
+    assert not (tmp_path / "out" / "patches").exists()
+
+
+def test_single_instance_averages_its_edits(files, tok, tmp_path):
+    model = llama4(tok)
+    results = ex.run_experiment(
+        config(files, setting="single", checkpoints=[3], regularizers=["rect:0.4"], single_task_edits=2),
+        tmp_path / "out",
+        model=model,
+        tokenizer=tok,
+        plots=False,
+    )
+    point = results["runs"]["ft-single-instance-rect0.4-seed0"]["checkpoints"]["3"]
+    assert point["n_edits_averaged"] == 3
+    assert 0.0 <= point["editing"]["reliability"] <= 1.0
+    assert "drift" in point and "weights" in point
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"regularizers": ["rect"]}, "needs a keep ratio"),
+        ({"regularizers": ["topk:0.3"]}, "unknown regularizer"),
+        ({"regularizers": ["rect:1.5"]}, r"\(0, 1\]"),
+        ({"regularizers": ["none:0.3"]}, "takes no keep ratio"),
+        ({"setting": "parallel"}, "unknown setting"),
+        ({"unit": "batch", "batch_size": 3, "checkpoints": [2, 4]}, "multiple of batch_size"),
+        ({"tasks": ["chess"]}, "unknown tasks"),
+        ({"checkpoints": [0]}, "positive integers"),
+    ],
+)
+def test_bad_configurations_are_clear(files, kw, match):
+    with pytest.raises(ValueError, match=match):
+        config(files, **kw)
+
+
+def test_command_line_errors_exit_2(files, tmp_path, capsys):
+    data, texts = files
+    argv = ["--data", str(tmp_path / "missing.json"), "--output-dir", str(tmp_path / "o"), "--drift-texts", str(texts)]
+    assert ex.main(argv) == 2
+    assert "--data: no such file" in capsys.readouterr().err
+    argv = ["--data", str(data), "--output-dir", str(tmp_path / "o"), "--drift-texts", str(texts), "--hparams", "{"]
+    assert ex.main(argv) == 2
+    assert "--hparams is not valid JSON" in capsys.readouterr().err
