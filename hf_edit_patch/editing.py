@@ -26,6 +26,7 @@ from .editors.architectures import default_rome_layer, get_arch, mlp_width
 from .editors.hparams import FTHParams, MemitHParams, RomeHParams
 from .editors.stats import get_second_moments
 from .errors import PatchError
+from .modules import unwrap_peft
 from .patch import EditPatch
 from .requests import as_requests
 
@@ -54,8 +55,9 @@ def edit(
     """Computes an edit and returns it as a patch; the model's weights are not touched.
 
     Args:
-        model: a causal LM, or a `PatchedModel` (the edit is computed on its current, patched weights and records
-            its active patches as parents).
+        model: a causal LM, a PEFT `PeftModel` (the edit is computed with its adapters active and stored against
+            the base weights), or a `PatchedModel` of either (the edit is computed on its current, patched weights
+            and records its active patches as parents).
         tokenizer: the model's tokenizer.
         requests: `EditRequest`s (or dicts with their fields).
         method: "rome" (one rank-one update per fact), "memit" (a batch spread over several layers) or "ft"
@@ -75,7 +77,9 @@ def edit(
     if method not in METHODS:
         raise PatchError(f"unknown editing method {method!r}; accepted: {METHODS}")
     reqs = as_requests(requests)
-    base = model.base_model if getattr(model, "is_patched_model", False) else model
+    # a PEFT model is edited through its inner model, adapter layers in place: the edit sees the effective model
+    # (LoRA active) and its ΔW targets the base weights under the adapters
+    base = unwrap_peft(model.base_model if getattr(model, "is_patched_model", False) else model)
     spec = get_arch(base, templates=templates)
     hp_cls = {"rome": RomeHParams, "memit": MemitHParams, "ft": FTHParams}[method]
     hp = hp_cls.from_any(hparams)

