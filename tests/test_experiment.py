@@ -61,6 +61,7 @@ def config(files, **kw):
         "tasks": [],
         "drift_texts": str(texts),
         "drift_n": 3,
+        "task_checkpoints": None,
     }
     return ex.ExperimentConfig(**{**base, **kw})
 
@@ -203,3 +204,27 @@ def test_command_line_errors_exit_2(files, tmp_path, capsys):
     argv = ["--data", str(data), "--output-dir", str(tmp_path / "o"), "--drift-texts", str(texts), "--hparams", "{"]
     assert ex.main(argv) == 2
     assert "--hparams is not valid JSON" in capsys.readouterr().err
+
+
+def test_tasks_run_only_at_the_task_checkpoints(files, tok, tmp_path, monkeypatch):
+    seen = []
+
+    def fake_tasks(self, model):
+        seen.append(model)
+        return {"sentiment": 0.5}
+
+    monkeypatch.setattr(ex._Runner, "_tasks", fake_tasks)
+    model = llama4(tok)
+    results = ex.run_experiment(
+        config(files, regularizers=["none"], tasks=["sentiment"], task_checkpoints=[4]),
+        tmp_path / "out",
+        model=model,
+        tokenizer=tok,
+        plots=False,
+    )
+    points = results["runs"]["ft-sequential-instance-none-seed0"]["checkpoints"]
+    assert points["2"]["tasks"] == {} and points["4"]["tasks"] == {"sentiment": 0.5}
+    assert results["base"]["tasks"] == {"sentiment": 0.5}
+    assert len(seen) == 2
+    with pytest.raises(ValueError, match=r"task_checkpoints \[3\] are not checkpoints"):
+        config(files, task_checkpoints=[3])

@@ -90,7 +90,9 @@ class ExperimentConfig:
     task_data_dir: str | None = None
     drift_texts: str | None = None
     drift_text_field: str = "passage"
-    drift_n: int = 64
+    drift_n: int = 32
+    drift_max_length: int = 64
+    task_checkpoints: list[int] | None = None
     stats_dataset: str | None = None
     stats_text_field: str = "text"
     single_task_edits: int = 1
@@ -122,8 +124,13 @@ class ExperimentConfig:
             raise ValueError(f"unknown tasks {unknown}; accepted: {TASKS}")
         if self.task_limit is not None and self.task_limit < 1:
             raise ValueError(f"task_limit must be >= 1 or None, got {self.task_limit}")
-        if self.drift_n < 1 or self.single_task_edits < 1:
-            raise ValueError("drift_n and single_task_edits must be >= 1")
+        if self.drift_n < 1 or self.single_task_edits < 1 or self.drift_max_length < 2:
+            raise ValueError("drift_n and single_task_edits must be >= 1, drift_max_length >= 2")
+        if self.task_checkpoints is not None:
+            extra = sorted(set(self.task_checkpoints) - set(self.checkpoints))
+            if extra:
+                raise ValueError(f"task_checkpoints {extra} are not checkpoints {self.checkpoints}")
+            self.task_checkpoints = sorted(set(self.task_checkpoints))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,9 +282,13 @@ class _Runner:
             show_progress=self.show,
         )
 
+    def _drift(self, pm: Any) -> dict[str, Any]:
+        from .drift import drift
+
+        return drift(None, pm, self.tokenizer, self.neutral, max_length=self.config.drift_max_length)
+
     def measure_base(self) -> None:
         from ..patched_model import PatchedModel
-        from .drift import drift
         from .editing import locality_reference, score_edits
 
         self.reference = locality_reference(self.model, self.tokenizer, self.requests)
@@ -286,7 +297,7 @@ class _Runner:
         t0 = time.perf_counter()
         pm = PatchedModel(self.model)
         base = {
-            "drift": drift(None, pm, self.tokenizer, self.neutral),
+            "drift": self._drift(pm),
             "tasks": self._tasks(self.model),
         }
         pm.unload()
@@ -296,15 +307,16 @@ class _Runner:
         self._save()
 
     # ------------------------------------------------------------------ measurements
-    def _measure(self, pm: Any, edited: Sequence[Any], base_weights: dict[str, Any], seconds: float) -> dict:
-        from .drift import drift
+    def _measure(
+        self, pm: Any, edited: Sequence[Any], base_weights: dict[str, Any], seconds: float, tasks: bool = True
+    ) -> dict:
         from .editing import score_edits
         from .weights import weight_change_stats
 
         t0 = time.perf_counter()
         point: dict[str, Any] = {
             "editing": score_edits(pm, self.tokenizer, list(edited), reference=self.reference),
-            "drift": drift(None, pm, self.tokenizer, self.neutral),
+            "drift": self._drift(pm),
         }
         stats = weight_change_stats(base_weights, pm) if base_weights else None
         if stats is not None:
@@ -314,10 +326,13 @@ class _Runner:
             current = dict(pm.base_model.named_parameters())[first]
             point["heatmap"] = {"module": first, "abs_delta": _pooled_abs(current.detach() - base_weights[first])}
             point["nnz"] = sum(p.nnz for p in pm.patches.values())
-        point["tasks"] = self._tasks(pm)
+        point["tasks"] = self._tasks(pm) if tasks else {}
         point["edit_seconds"] = seconds
         point["measure_seconds"] = time.perf_counter() - t0
         return point
+
+    def _tasks_at(self, n: int) -> bool:
+        return self.config.task_checkpoints is None or n in self.config.task_checkpoints
 
     def _edit(self, pm: Any, requests: Sequence[Any], spec: str) -> Any:
         from ..editing import edit
@@ -378,7 +393,9 @@ class _Runner:
                 done += len(group)
                 bar.update(len(group))
                 if done in todo:
-                    point = self._measure(pm, self.requests[:done], base_weights, edit_seconds)
+                    point = self._measure(
+                        pm, self.requests[:done], base_weights, edit_seconds, tasks=self._tasks_at(done)
+                    )
                     run["checkpoints"][str(done)] = point
                     self._save()
                     logger.info("%s @ %d: %s", run_name, done, _summary(point))
@@ -405,7 +422,8 @@ class _Runner:
                     edit_seconds += time.perf_counter() - t0
                     pm.add_patch(patch, "edit")
                     if i < c.single_task_edits:
-                        points.append(self._measure(pm, group, self._weight_names(patch), edit_seconds))
+                        weights = self._weight_names(patch)
+                        points.append(self._measure(pm, group, weights, edit_seconds, tasks=self._tasks_at(n)))
                     else:
                         from .editing import score_edits
 
@@ -596,10 +614,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--tasks", nargs="*", default=list(TASKS), help=f"general tasks (default: all of {TASKS})")
     p.add_argument("--task-limit", type=int, default=50, help="examples per task (default: 50; 0 for all)")
     p.add_argument("--task-batch-size", type=int, default=16)
+    p.add_argument(
+        "--task-checkpoints", type=int, nargs="*", default=None, help="checkpoints that run the tasks (default: all)"
+    )
     p.add_argument("--task-data-dir", default=None, help="folder with the task files (else `datasets` by name)")
     p.add_argument("--drift-texts", required=True, help="neutral texts for drift (.txt, .json or .jsonl)")
     p.add_argument("--drift-text-field", default="passage", help="field of a JSON record holding the text")
-    p.add_argument("--drift-n", type=int, default=64, help="texts for drift (the file's last ones; default 64)")
+    p.add_argument("--drift-n", type=int, default=32, help="texts for drift (the file's last ones; default 32)")
+    p.add_argument("--drift-max-length", type=int, default=64, help="tokens per drift text (default 64)")
     p.add_argument("--stats-dataset", default=None, help="corpus for the key statistics (else model-sampled text)")
     p.add_argument("--stats-text-field", default="text")
     p.add_argument("--single-task-edits", type=int, default=1, help="single editing: edits measured in full")
@@ -633,6 +655,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         drift_texts=args.drift_texts,
         drift_text_field=args.drift_text_field,
         drift_n=args.drift_n,
+        drift_max_length=args.drift_max_length,
+        task_checkpoints=args.task_checkpoints,
         stats_dataset=args.stats_dataset,
         stats_text_field=args.stats_text_field,
         single_task_edits=args.single_task_edits,
