@@ -4,9 +4,16 @@
 averaged ROUGE, entity-level F1 and GSM8K answer checking. It is pure Python and imports neither torch nor
 transformers; ROUGE needs the optional `rouge-score` package (``pip install "hf_edit_patch[eval]"``).
 
+`evaluate_edits` edits a model, scores reliability, generalization and locality, and restores the model
+(`score_edits` scores a model as it stands).
+
 `weight_change_stats` (Manhattan distance and fractions of large relative weight changes) and `drift` (next-token
 KL divergence and perplexity change on ordinary text) compare an edited model with its base. They need torch and
 are imported on first use, so importing this package stays cheap.
+
+`run_general_tasks` scores a model (or a `PatchedModel`) zero-shot on the eight general-ability tasks of the RECT
+paper (reasoning, NLI, open- and closed-domain QA, dialogue, summarization, NER, sentiment) with the paper's prompts,
+from local files or the public datasets. It needs torch and is imported on first use too.
 """
 
 from __future__ import annotations
@@ -16,12 +23,29 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics
 
-_LAZY = {"weight_change_stats": "weights", "drift": "drift"}
+_LAZY = {
+    "weight_change_stats": "weights",
+    "drift": "drift",
+    "evaluate_edits": "editing",
+    "score_edits": "editing",
+    "locality_reference": "editing",
+    "run_general_tasks": "tasks",
+}
 
-__all__ = ["drift", "metrics", "weight_change_stats"]
+__all__ = [
+    "drift",
+    "evaluate_edits",
+    "locality_reference",
+    "score_edits",
+    "metrics",
+    "run_general_tasks",
+    "weight_change_stats",
+]
 
 if TYPE_CHECKING:
     from .drift import drift
+    from .editing import evaluate_edits, locality_reference, score_edits
+    from .tasks import run_general_tasks
     from .weights import weight_change_stats
 
 
