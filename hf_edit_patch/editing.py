@@ -41,8 +41,10 @@ def edit(
     requests: Any,
     *,
     method: str = "rome",
-    keep_ratio: float | None = None,
+    keep_ratio: float | str | None = None,
     regularizer: str | None = "rect",
+    norm_budget: float | None = None,
+    regularizer_kwargs: dict[str, Any] | None = None,
     hparams: Any = None,
     stats_dataset: str | os.PathLike | None = None,
     stats_text_field: str = "text",
@@ -62,8 +64,14 @@ def edit(
         requests: `EditRequest`s (or dicts with their fields).
         method: "rome" (one rank-one update per fact), "memit" (a batch spread over several layers) or "ft"
             (constrained fine-tuning of one layer).
-        keep_ratio: the regularizer's fraction of ΔW entries to keep; None keeps the whole update.
+        keep_ratio: the regularizer's fraction of ΔW entries to keep; None keeps the whole update. "auto" picks,
+            for this edit, the smallest ratio of `AUTO_KEEP_RATIOS` at which every request still does as well on its
+            prompt and paraphrases (teacher-forced token accuracy of `target_new`) as with the whole update; the
+            search is recorded in the patch's `editor_hparams["keep_ratio_auto"]`.
         regularizer: "rect" (top-k by |ΔW/W|), "random" or "pca".
+        norm_budget: RECT only, instead of `keep_ratio`: keep the fewest entries (largest |ΔW/W| first) that
+            carry this fraction of each ΔW's squared norm.
+        regularizer_kwargs: extra regularizer settings (`{"seed": 1}` for random-k, `{"rank": 4}` for PCA-k).
         hparams: the method's hyperparameters (`RomeHParams`, `MemitHParams`, `FTHParams`, or a dict of fields).
         stats_dataset: corpus for the key statistics of ROME/MEMIT: a `datasets` id or a local .txt/.json/.jsonl
             file (with `stats_text_field`); cached statistics are reused.
@@ -76,6 +84,17 @@ def edit(
     """
     if method not in METHODS:
         raise PatchError(f"unknown editing method {method!r}; accepted: {METHODS}")
+    if isinstance(keep_ratio, str) and keep_ratio != "auto":
+        raise PatchError(f"keep_ratio must be a number in (0, 1], None or 'auto', got {keep_ratio!r}")
+    reg_kwargs = dict(regularizer_kwargs or {})
+    if norm_budget is not None:
+        if keep_ratio is not None:
+            raise PatchError("give keep_ratio or norm_budget, not both")
+        if regularizer != "rect":
+            raise PatchError(f"norm_budget is a RECT setting; got regularizer={regularizer!r}")
+        reg_kwargs["norm_budget"] = norm_budget
+    if keep_ratio == "auto" and regularizer is None:
+        raise PatchError("keep_ratio='auto' needs a regularizer; accepted: 'rect', 'random', 'pca'")
     reqs = as_requests(requests)
     # a PEFT model is edited through its inner model, adapter layers in place: the edit sees the effective model
     # (LoRA active) and its ΔW targets the base weights under the adapters
@@ -120,13 +139,75 @@ def edit(
     record = hp.to_dict()
     if stats_source is not None:
         record["stats_dataset"] = stats_source
-    return EditPatch.from_deltas(
-        deltas,
-        model,
-        keep_ratio=keep_ratio,
-        regularizer=regularizer,
-        value_dtype=value_dtype,
-        editor=method,
-        editor_hparams=record,
-        requests=reqs,
+    common: dict[str, Any] = {
+        "regularizer": regularizer,
+        "regularizer_kwargs": reg_kwargs or None,
+        "value_dtype": value_dtype,
+        "editor": method,
+        "requests": reqs,
+    }
+    if keep_ratio == "auto":
+        return _auto_keep_ratio(model, tokenizer, deltas, reqs, record, common)
+    return EditPatch.from_deltas(deltas, model, keep_ratio=keep_ratio, editor_hparams=record, **common)
+
+
+AUTO_KEEP_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
+
+
+def _auto_keep_ratio(
+    model: nn.Module, tokenizer: Any, deltas: dict[str, Any], reqs: list[Any], record: dict, common: dict
+) -> EditPatch:
+    """The patch at the smallest ratio of `AUTO_KEEP_RATIOS` that does as well as the whole update, per request.
+
+    Binary search over the ratios (more entries never make an edit much worse); each probe attaches the candidate
+    to the model, scores the requests' prompts and paraphrases, and takes it off again.
+    """
+    from .evaluation.editing import score_edits
+    from .patched_model import PatchedModel
+
+    def accuracies(patch: EditPatch) -> list[tuple[float | None, float | None]]:
+        pm = model if getattr(model, "is_patched_model", False) else PatchedModel(model)
+        name = next(
+            f"_auto_keep_ratio{i}"
+            for i in range(len(pm.active_patches) + 1)
+            if f"_auto_keep_ratio{i}" not in pm.active_patches
+        )
+        pm.add_patch(patch, name)
+        try:
+            _, details = score_edits(pm, tokenizer, reqs, return_details=True)
+        finally:
+            pm.remove_patch(name)
+            if pm is not model:
+                pm.unload()
+        return [(d["reliability"], d["generalization"]) for d in details]
+
+    def as_good(got: list, want: list) -> bool:
+        return all(
+            g_rel >= w_rel and (w_gen is None or g_gen >= w_gen)
+            for (g_rel, g_gen), (w_rel, w_gen) in zip(got, want, strict=True)
+        )
+
+    full = EditPatch.from_deltas(
+        deltas, model, keep_ratio=None, editor_hparams=record, **{**common, "regularizer": None}
     )
+    want = accuracies(full)
+    checked: dict[str, bool] = {}
+    lo, hi = 0, len(AUTO_KEEP_RATIOS)  # invariant: every ratio below lo fails; the one at hi passes (hi = whole)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ratio = AUTO_KEEP_RATIOS[mid]
+        candidate = EditPatch.from_deltas(deltas, model, keep_ratio=ratio, editor_hparams=record, **common)
+        checked[str(ratio)] = as_good(accuracies(candidate), want)
+        if checked[str(ratio)]:
+            hi = mid
+        else:
+            lo = mid + 1
+    chosen = AUTO_KEEP_RATIOS[hi] if hi < len(AUTO_KEEP_RATIOS) else None
+    auto = {"ratios": list(AUTO_KEEP_RATIOS), "checked": checked, "chosen": chosen, "whole_update": want}
+    logger.info("keep_ratio='auto': chose %s after checking %s", chosen, checked)
+    final = dict(record, keep_ratio_auto=auto)
+    if chosen is None:
+        return EditPatch.from_deltas(
+            deltas, model, keep_ratio=None, editor_hparams=final, **{**common, "regularizer": None}
+        )
+    return EditPatch.from_deltas(deltas, model, keep_ratio=chosen, editor_hparams=final, **common)

@@ -139,11 +139,13 @@ class EditPatch:
                 factored `(u, v)` pair (ΔW = u @ vᵀ), in the module's own weight layout.
             model: the model the deltas were computed on (a `PatchedModel` records its active patches as
                 parents). It is read, never modified: fingerprints of the target weights are taken here.
-            keep_ratio: fraction of each ΔW's entries to keep, in (0, 1]; None keeps every nonzero entry.
+            keep_ratio: fraction of each ΔW's entries to keep, in (0, 1]; None keeps every nonzero entry (unless
+                `regularizer_kwargs` holds a RECT `norm_budget`).
             regularizer: "rect" (top-k by |ΔW/W|), "random" or "pca"; ignored when `keep_ratio` is None.
             value_dtype: "auto" (float16 when it keeps ΔW within 2⁻¹⁰ relative error, else float32), "float16",
                 "bfloat16" or "float32". Values are cast once, here, so saving and loading are exact.
-            regularizer_kwargs: e.g. `{"seed": 1}` for random-k or `{"rank": 4}` for PCA-k.
+            regularizer_kwargs: e.g. `{"seed": 1}` for random-k, `{"rank": 4}` for PCA-k, or `{"norm_budget": 0.9}`
+                for RECT keeping the fewest entries that carry 90% of each ΔW's squared norm (with keep_ratio None).
             editor, editor_hparams, requests: provenance recorded in the config.
 
         Example:
@@ -158,7 +160,8 @@ class EditPatch:
         model = unwrap_peft(model)  # a PeftModel: names and fingerprints are those of the base weights
         if not isinstance(deltas, Mapping) or not deltas:
             raise PatchError("deltas must be a non-empty mapping of module name to ΔW")
-        regularizer = regularizer if keep_ratio is not None else None
+        norm_budget = (regularizer_kwargs or {}).get("norm_budget")
+        regularizer = regularizer if (keep_ratio is not None or norm_budget is not None) else None
         model_id, revision = model_source(model)
         records: dict[str, ModuleRecord] = {}
         sparse: dict[str, SparseDelta] = {}
@@ -243,13 +246,16 @@ class EditPatch:
         *,
         format: str = "native",
         overwrite_card: bool = False,
+        license: str | None = None,
+        card_repo_id: str | None = None,
         **peft_kwargs: Any,
     ) -> str:
         """Writes `patch_config.json`, `patch_model.safetensors` and a `README.md` card, each atomically.
 
         With `format="peft"`, writes a PEFT SHiRA adapter instead (see `to_peft`, which takes `peft_kwargs`).
-        An existing README.md that a person edited is kept unless `overwrite_card=True`.
-        Returns the folder path.
+        An existing README.md that a person edited is kept unless `overwrite_card=True`; the card
+        (`hf_edit_patch.cards.patch_card`) records `license` (a Hub license id) and shows `card_repo_id` in its
+        usage snippet. Returns the folder path.
         """
         if format not in SAVE_FORMATS:
             raise PatchError(
@@ -289,9 +295,8 @@ class EditPatch:
             }
         )
         self.config = config
-        write_card(
-            os.path.join(save_directory, "README.md"), patch_card(self), overwrite=overwrite_card, write=atomic_write
-        )
+        card = patch_card(self, repo_id=card_repo_id or save_directory, license=license)
+        write_card(os.path.join(save_directory, "README.md"), str(card), overwrite=overwrite_card, write=atomic_write)
         return save_directory
 
     def to_peft(
@@ -331,10 +336,29 @@ class EditPatch:
         create_pr: bool = False,
         commit_message: str | None = None,
         token: str | bool | None = None,
+        license: str | None = None,
     ) -> Any:
-        """Creates `repo_id` if needed and uploads the saved patch in one commit. Returns the `CommitInfo`."""
+        """Creates `repo_id` if needed and uploads the saved patch in one commit. Returns the `CommitInfo`.
+
+        The patch is saved (`save_pretrained`, card included) into a temporary folder that `HfApi.upload_folder`
+        sends as one commit, as `huggingface_hub`'s `push_to_hub` does.
+
+        Args:
+            repo_id: `"namespace/name"`; created if it does not exist.
+            private: whether a new repo is private (an existing repo keeps its visibility).
+            revision: the branch to push to (created from the default branch if needed).
+            create_pr: open a pull request instead of committing to the branch.
+            commit_message: the commit's title.
+            token: a Hub token (defaults to the saved login / `HF_TOKEN`).
+            license: a Hub license id for the card's metadata.
+
+        Example:
+            ```python
+            >>> patch.push_to_hub("user/eiffel-rome-rect", private=True)
+            ```
+        """
         return push_folder(
-            self.save_pretrained,
+            lambda folder: self.save_pretrained(folder, license=license, card_repo_id=repo_id),
             repo_id,
             private=private,
             revision=revision,

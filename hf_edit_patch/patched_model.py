@@ -109,6 +109,7 @@ class PatchedModel(nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         super().__init__()
         self.base_model = model
+        self.training = model.training  # mirror the wrapped model (nn.Module starts in training mode)
         self._patches: OrderedDict[str, EditPatch] = OrderedDict()
         self._applied: dict[str, list[_Applied]] = {}
         self._disabled = 0
@@ -335,6 +336,64 @@ class PatchedModel(nn.Module):
         self.add_patch(patch, name)
         return patch
 
+    def compact(
+        self,
+        keep_ratio: float | None = None,
+        *,
+        norm_budget: float | None = None,
+        regularizer: str | None = "rect",
+        patch_name: str = "stack",
+        value_dtype: str | torch.dtype = "float32",
+    ) -> EditPatch:
+        """Stack-level regularization: replaces the active patches with one patch of their combined update.
+
+        The combined ΔW of every module the stack touches (current weights minus base weights) is sparsified again
+        with `regularizer` at `keep_ratio` (or RECT's `norm_budget`), so that however many edits are stacked, the
+        number of changed entries stays bounded. The new patch is computed against the base weights, records the
+        requests of all the patches it replaces, and is attached in their place; removing it restores the base
+        model exactly. With `keep_ratio=None` and no `norm_budget` the stack becomes one patch holding the whole
+        combined update (in float32 by default, so the weights match the stack's up to rounding of that sum).
+        If anything fails, the stack is left as it was.
+
+        Returns:
+            The new patch (also attached as `patch_name`).
+        """
+        self._require_enabled("compact")
+        if not self._patches:
+            raise PatchError("there are no active patches to compact")
+        _check_patch_name(patch_name, {})
+        modules = sorted({m for p in self._patches.values() for m in p.deltas})
+        current = {m: resolve_weight(self.base_model, m)[1].detach().clone() for m in modules}
+        replaced = list(self._patches.items())
+        with self.disable_patches():
+            deltas = {m: current[m].float() - resolve_weight(self.base_model, m)[1].detach().float() for m in modules}
+            del current
+            patch = EditPatch.from_deltas(
+                deltas,
+                self.base_model,
+                keep_ratio=keep_ratio,
+                regularizer=regularizer,
+                regularizer_kwargs={"norm_budget": norm_budget} if norm_budget is not None else None,
+                value_dtype=value_dtype,
+                editor="stack",
+                editor_hparams={
+                    "compacted": [
+                        {"name": n, "editor": p.config.editor, "content_hash": p.config.content_hash}
+                        for n, p in replaced
+                    ]
+                },
+                requests=[r for _, p in replaced for r in p.config.requests],
+            )
+        names = self._unapply_down_to(0)
+        self._patches.clear()
+        try:
+            self.add_patch(patch, patch_name)
+        except BaseException:
+            self._patches.update(replaced)
+            self._reapply(names)
+            raise
+        return patch
+
     def unload(self) -> nn.Module:
         """Removes every patch and returns the base model, bit-identical to what was passed in."""
         self._require_enabled("unload")
@@ -428,10 +487,20 @@ class PatchedModel(nn.Module):
         create_pr: bool = False,
         commit_message: str | None = None,
         token: str | bool | None = None,
+        license: str | None = None,
     ) -> Any:
-        """Uploads the whole stack (one subfolder per patch) in one commit. Returns the `CommitInfo`."""
+        """Uploads the whole stack (one subfolder per patch, and `patch_stack.json`) in one commit.
+
+        Takes the options of `EditPatch.push_to_hub`; `PatchedModel.from_pretrained(model, repo_id)` loads the stack
+        back. Returns the `CommitInfo`.
+
+        Example:
+            ```python
+            >>> pm.push_to_hub("user/all-edits", revision="v2", create_pr=True)
+            ```
+        """
         return push_folder(
-            self.save_pretrained,
+            lambda folder: self.save_pretrained(folder, license=license),
             repo_id,
             private=private,
             revision=revision,

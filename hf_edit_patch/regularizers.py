@@ -63,8 +63,44 @@ def _kept(flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> S
     return SparseDelta._trusted(flat, values, shape)  # positions sorted, unique and in range by construction
 
 
+def _check_norm_budget(norm_budget: float) -> float:
+    if isinstance(norm_budget, bool) or not isinstance(norm_budget, (int, float)):
+        raise PatchError(f"norm_budget must be a number in (0, 1], got {norm_budget!r}")
+    if not (math.isfinite(norm_budget) and 0.0 < norm_budget <= 1.0):
+        raise PatchError(f"norm_budget must be in (0, 1], got {norm_budget!r}")
+    return float(norm_budget)
+
+
+def _relative_change(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """|ΔW / W| in float32; a nonzero ΔW over a zero weight is +inf, 0/0 is 0."""
+    d = delta.to(torch.float32).abs()
+    ratio = d / weight.to(torch.float32).abs()
+    return torch.nan_to_num(ratio, nan=0.0, posinf=math.inf)
+
+
+def norm_budget_count(delta: torch.Tensor, weight: torch.Tensor, norm_budget: float) -> int:
+    """The fewest entries that, taken in RECT's order (|ΔW/W| descending, ties to the lower index), carry at least
+    `norm_budget` of ΔW's squared Frobenius norm. At least 1."""
+    budget = _check_norm_budget(norm_budget)
+    scores = _relative_change(delta, weight).reshape(-1)
+    energy = delta.to(torch.float64).reshape(-1).square()
+    total = float(energy.sum())
+    if total == 0.0:
+        return 1
+    order = torch.sort(scores, descending=True, stable=True).indices
+    cumulative = torch.cumsum(energy[order], dim=0)
+    # the first prefix reaching the budget; rounding may leave budget 1.0 a hair above the last cumulative value
+    k = int(torch.searchsorted(cumulative, torch.tensor([budget * total], dtype=torch.float64)).item()) + 1
+    return min(max(k, 1), delta.numel())
+
+
 def rect_sparsify(
-    delta: torch.Tensor, weight: torch.Tensor, keep_ratio: float = 0.4, *, name: str = "delta"
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    keep_ratio: float | None = 0.4,
+    *,
+    norm_budget: float | None = None,
+    name: str = "delta",
 ) -> SparseDelta:
     """RECT: keeps the top-k entries of ΔW by relative change |ΔW / W|, zeroes the rest.
 
@@ -74,7 +110,9 @@ def rect_sparsify(
     Args:
         delta: dense ΔW, same shape as `weight` (the module's own layout).
         weight: the weight ΔW will be added to.
-        keep_ratio: fraction of entries to keep, in (0, 1].
+        keep_ratio: fraction of entries to keep, in (0, 1]; must be None when `norm_budget` is given.
+        norm_budget: instead of a fixed fraction of entries, keep the fewest entries (in RECT's order) that carry
+            this fraction, in (0, 1], of ΔW's squared Frobenius norm (`norm_budget_count`).
 
     Returns:
         `SparseDelta` with ΔW's values (in ΔW's dtype) at the kept positions.
@@ -92,7 +130,14 @@ def rect_sparsify(
         raise PatchError(
             f"{name}: weight shape {list(getattr(weight, 'shape', []))} does not match ΔW shape {list(delta.shape)}"
         )
-    k = keep_count(keep_ratio, delta.numel())
+    if norm_budget is not None:
+        if keep_ratio is not None:
+            raise PatchError(f"{name}: give keep_ratio or norm_budget, not both")
+        k = norm_budget_count(delta.detach(), weight.detach().to(delta.device), norm_budget)
+    elif keep_ratio is None:
+        raise PatchError(f"{name}: RECT needs a keep_ratio in (0, 1] or a norm_budget in (0, 1]")
+    else:
+        k = keep_count(keep_ratio, delta.numel())
     flat, values = rect_select(delta.detach(), weight.detach().to(delta.device), k)
     return _kept(flat, values, tuple(delta.shape))
 
@@ -143,11 +188,17 @@ def sparsify(
     if regularizer is None:
         if keep_ratio is not None:
             raise PatchError(f"keep_ratio={keep_ratio} needs a regularizer; accepted: {REGULARIZERS}")
+        if kwargs.get("norm_budget") is not None:
+            raise PatchError("norm_budget needs regularizer='rect'")
         return SparseDelta.from_dense(_check_delta(delta, name), name=name)
+    if regularizer == "rect" and kwargs.get("norm_budget") is not None:
+        return rect_sparsify(delta, weight, keep_ratio, norm_budget=kwargs["norm_budget"], name=name)
+    if kwargs.get("norm_budget") is not None:
+        raise PatchError(f"norm_budget is a RECT setting; regularizer={regularizer!r} takes a keep_ratio")
     if keep_ratio is None:
         raise PatchError(f"regularizer={regularizer!r} needs a keep_ratio in (0, 1]")
     if regularizer == "rect":
-        return rect_sparsify(delta, weight, keep_ratio, name=name)
+        return rect_sparsify(delta, weight, keep_ratio, name=name, **kwargs)
     if regularizer == "random":
         return random_sparsify(delta, keep_ratio, name=name, **kwargs)
     if regularizer == "pca":
