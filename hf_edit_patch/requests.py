@@ -7,12 +7,15 @@ Example:
     ...                   target_new="Rome", target_true="Paris")
     >>> req.text
     'The Eiffel Tower is located in the city of'
+    >>> reqs = load_requests("zsre_eval.json")   # or .jsonl; EditRequest fields, CounterFact or ZsRE records
     ```
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,3 +174,72 @@ def as_requests(requests: Any) -> list[EditRequest]:
     if not isinstance(requests, (list, tuple)) or not requests:
         raise EditRequestError("requests must be a non-empty list of EditRequest (or dicts with its fields)")
     return [EditRequest.from_dict(r) for r in requests]
+
+
+REQUEST_FORMATS = ("auto", "request", "counterfact", "zsre")
+
+
+def _record_format(record: Any) -> str:
+    if isinstance(record, dict) and ("requested_rewrite" in record or "ground_truth" in record):
+        return "counterfact"
+    if isinstance(record, dict) and "src" in record and "alt" in record:
+        return "zsre"
+    return "request"
+
+
+def load_requests(path: str | os.PathLike, *, format: str = "auto", limit: int | None = None) -> list[EditRequest]:
+    """Edit requests from a JSON file (a list of records, or one record) or a JSON Lines file (`.jsonl`).
+
+    Records are `EditRequest` fields (`prompt` with one `{}`, `subject`, `target_new`, ...), CounterFact records
+    (original or EasyEdit format) or ZsRE records (`subject`, `src`, `alt`, ...); with `format="auto"` each record's
+    keys tell which.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        EditRequestError: (a `ValueError`) the file is not valid JSON (the message names the line) or a record is
+            not a valid request (the message names the record).
+
+    Example:
+        ```python
+        >>> load_requests("edits.jsonl")[0].subject
+        'The Eiffel Tower'
+        ```
+    """
+    if format not in REQUEST_FORMATS:
+        raise EditRequestError(f"format must be one of {REQUEST_FORMATS}, got {format!r}")
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".jsonl"):
+            records = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise EditRequestError(f"{path}: line {number} is not valid JSON ({exc.msg})") from exc
+        else:
+            data = json.loads(text)
+            records = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError as exc:
+        raise EditRequestError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); expected a list of "
+            "edit requests, one request, or JSON Lines in a .jsonl file"
+        ) from exc
+    if not records:
+        raise EditRequestError(f"{path} holds no edit requests")
+    readers = {
+        "request": EditRequest.from_dict,
+        "counterfact": EditRequest.from_counterfact,
+        "zsre": EditRequest.from_zsre,
+    }
+    out = []
+    for number, record in enumerate(records[:limit] if limit else records):
+        try:
+            out.append(readers[_record_format(record) if format == "auto" else format](record))
+        except EditRequestError as exc:
+            raise EditRequestError(f"{path}: record {number}: {exc}") from exc
+        except TypeError as exc:  # a missing required field of EditRequest
+            raise EditRequestError(f"{path}: record {number} is not an edit request: {exc}") from exc
+    return out

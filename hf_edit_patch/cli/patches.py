@@ -1,0 +1,311 @@
+"""`edit` (requests → patch folder), `apply` (base + patches → merged model folder, or a quick generate) and
+`inspect` (modules, sizes, encodings, provenance; fingerprints against a base model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any
+
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    CLIError,
+    add_hub_args,
+    add_model_args,
+    add_request_args,
+    hub_kwargs,
+    json_object,
+    keep_ratio,
+    load_model,
+    print_json,
+    read_requests,
+    say,
+)
+
+MERGED_RECORD = "hf_edit_patch_merged.json"
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "edit",
+        parents=[common],
+        epilog=epilog,
+        formatter_class=fmt,
+        help="compute an edit and save it as a patch folder",
+        description="Edit a model with ROME, MEMIT or FT and save the update as a patch (the model is not changed).",
+    )
+    add_model_args(p)
+    add_request_args(
+        p,
+        help_file="a JSON list (or one object) or a .jsonl file of requests: EditRequest fields "
+        "(prompt, subject, target_new, ...), CounterFact or ZsRE records",
+    )
+    p.add_argument("--method", choices=("rome", "memit", "ft"), default="rome", help="editing method (default: rome)")
+    p.add_argument(
+        "--keep-ratio", type=keep_ratio, default=0.4, help="fraction of ΔW the regularizer keeps, or 'none' (0.4)"
+    )
+    p.add_argument("--regularizer", choices=("rect", "random", "pca"), default="rect", help="(default: rect)")
+    p.add_argument(
+        "--hparams", default=None, help="method hyperparameters as JSON or @file.json, e.g. '{\"layer\": 5}'"
+    )
+    p.add_argument("--stats-dataset", default=None, help="corpus for ROME/MEMIT key statistics (datasets id or file)")
+    p.add_argument("--stats-text-field", default="text", help="text field of a JSON corpus (default: text)")
+    p.add_argument(
+        "--model-sampled-stats", action="store_true", help="without a corpus: statistics from text the model samples"
+    )
+    p.add_argument("--stats-cache-dir", default=None, help="key statistics cache (default: ~/.cache/hf_edit_patch)")
+    p.add_argument("--value-dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
+    p.add_argument(
+        "--license", default=None, help="license id for the patch card (default: the base model's if known)"
+    )
+    p.add_argument("--overwrite-card", action="store_true", help="replace a README.md a person edited")
+    p.add_argument("-o", "--output-dir", required=True, help="the patch folder to write")
+    p.set_defaults(func=run_edit)
+
+    p = sub.add_parser(
+        "apply",
+        parents=[common],
+        epilog=epilog,
+        formatter_class=fmt,
+        help="attach patches to a base model: save the merged model, or generate from prompts",
+        description="Attach patches (folders or Hub ids, in order) to a base model; save the merged model with "
+        "--output-dir and/or compare continuations without and with the patches with --prompt.",
+    )
+    p.add_argument("patches", nargs="+", metavar="PATCH", help="patch folders or Hub ids (stacks too), in order")
+    add_model_args(p)
+    p.add_argument("-o", "--output-dir", default=None, help="save the merged model and tokenizer here")
+    p.add_argument("--prompt", action="append", default=[], help="generate from this prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate per prompt (default: 20)")
+    p.add_argument("--strict", action="store_true", help="refuse patches whose fingerprints differ")
+    add_hub_args(p)
+    p.set_defaults(func=run_apply)
+
+    p = sub.add_parser(
+        "inspect",
+        parents=[common],
+        epilog=epilog,
+        formatter_class=fmt,
+        help="show a patch's modules, sizes, encodings and provenance; check fingerprints against a model",
+        description="Show what a patch (or a stack) changes and where it came from. With --model, check that the "
+        "model's weights are those the patch was computed on (exit 1 when they differ).",
+    )
+    p.add_argument("patch", metavar="PATCH", help="a patch folder or Hub id")
+    p.add_argument("--model", default=None, help="check fingerprints against this model ('default' for SmolLM2)")
+    p.add_argument("--model-revision", default=None, help="branch, tag or commit of a Hub model")
+    p.add_argument("--dtype", default=None, help="weight dtype of the model to check against")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_hub_args(p)
+    p.set_defaults(func=run_inspect)
+
+
+# ---------------------------------------------------------------------------------------------------------- edit
+def run_edit(args: argparse.Namespace) -> int:
+    from ..editing import edit
+    from ..editors.stats import StatsCache
+
+    requests = read_requests(args, required=True)
+    hparams = json_object(args.hparams, "--hparams")
+    if os.path.isfile(args.output_dir):
+        raise CLIError(f"--output-dir {args.output_dir!r} is a file; give a folder")
+    model, tokenizer = load_model(args)
+    patch = edit(
+        model,
+        tokenizer,
+        requests,
+        method=args.method,
+        keep_ratio=args.keep_ratio,
+        regularizer=args.regularizer,
+        hparams=hparams or None,
+        stats_dataset=args.stats_dataset,
+        stats_text_field=args.stats_text_field,
+        allow_model_sampled_stats=args.model_sampled_stats,
+        stats_cache=StatsCache(args.stats_cache_dir) if args.stats_cache_dir else None,
+        value_dtype=args.value_dtype,
+    )
+    patch.save_pretrained(args.output_dir, license=args.license, overwrite_card=args.overwrite_card)
+    numel = sum(d.numel for d in patch.deltas.values())
+    say(
+        f"Saved a {args.method} patch of {len(requests)} request(s) to {args.output_dir}: {len(patch.deltas)} "
+        f"module(s), {patch.nnz:,} of {numel:,} entries changed ({patch.nnz / max(numel, 1):.1%}), "
+        f"{patch.nbytes() / 1e6:.3f} MB"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------- apply
+def _patch_name(source: str, taken: list[str], index: int) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(source))).lstrip(".-")[:100]
+    return name if name and name not in taken else f"patch{index}"
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    from ..demo import continuation
+    from ..modules import SOURCE_ATTRIBUTE
+    from ..patched_model import PatchedModel
+
+    if not args.output_dir and not args.prompt:
+        raise CLIError("nothing to do: give --output-dir (save the merged model) and/or --prompt (generate)")
+    if args.output_dir and os.path.isfile(args.output_dir):
+        raise CLIError(f"--output-dir {args.output_dir!r} is a file; give a folder")
+    model, tokenizer = load_model(args)
+    pm = PatchedModel(model)
+    sources = []
+    for index, source in enumerate(args.patches):
+        before = pm.active_patches
+        PatchedModel.from_pretrained(
+            pm, source, patch_name=_patch_name(source, before, index), strict=args.strict, **hub_kwargs(args)
+        )
+        for name in pm.active_patches[len(before) :]:
+            sources.append({"name": name, "source": source, "content_hash": pm.patches[name].config.content_hash})
+    say(f"Attached {len(pm.active_patches)} patch(es): {', '.join(pm.active_patches)}")
+    for prompt in args.prompt:
+        with pm.disable_patches():
+            before_text = continuation(pm, tokenizer, prompt, args.max_new_tokens)
+        after_text = continuation(pm, tokenizer, prompt, args.max_new_tokens)
+        say(f"{prompt!r}\n  base:    {before_text!r}\n  patched: {after_text!r}")
+    if args.output_dir:
+        merged = pm.merge_and_unload()
+        if hasattr(merged.config, SOURCE_ATTRIBUTE):  # the merged weights are no longer the converted ones
+            delattr(merged.config, SOURCE_ATTRIBUTE)
+        merged.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, MERGED_RECORD), "w", encoding="utf-8") as f:
+            json.dump({"base_model": args.model, "patches": sources}, f, indent=2)
+        say(f"Saved the merged model to {args.output_dir}")
+    else:
+        pm.unload()
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------- inspect
+def _describe(patch: Any, source: str, subfolder: str | None) -> dict[str, Any]:
+    from ..storage import encoded_nbytes
+
+    cfg = patch.config
+    modules = []
+    for name, delta in patch.deltas.items():
+        rec = cfg.modules[name]
+        modules.append(
+            {
+                "name": name,
+                "shape": list(rec.shape),
+                "layout": rec.layout,
+                "nnz": delta.nnz,
+                "density": delta.nnz / delta.numel,
+                "encoding": rec.encoding,
+                "bytes": encoded_nbytes(delta, rec.encoding),
+            }
+        )
+    numel = sum(d.numel for d in patch.deltas.values())
+    return {
+        "source": source,
+        "subfolder": subfolder,
+        "modules": modules,
+        "nnz": patch.nnz,
+        "numel": numel,
+        "density": patch.nnz / max(numel, 1),
+        "bytes": sum(m["bytes"] for m in modules),
+        "provenance": {
+            k: v
+            for k, v in cfg.to_dict().items()
+            if k not in ("modules", "patch_type")  # modules are listed above
+        },
+    }
+
+
+def _check(patch: Any, model: Any) -> list[dict[str, Any]]:
+    from ..errors import PatchError
+    from ..modules import resolve_weight
+    from ..storage import fingerprint
+
+    out = []
+    for name, rec in patch.config.modules.items():
+        try:
+            _, weight, layout = resolve_weight(model, name)
+        except PatchError as exc:
+            out.append({"module": name, "status": "missing", "detail": str(exc)})
+            continue
+        if layout != rec.layout or tuple(weight.shape) != rec.shape:
+            detail = f"model has {layout} {list(weight.shape)}, patch {rec.layout} {list(rec.shape)}"
+            out.append({"module": name, "status": "shape mismatch", "detail": detail})
+        elif rec.fingerprint is None:
+            out.append({"module": name, "status": "unknown", "detail": "the patch records no fingerprint"})
+        else:
+            same = fingerprint(weight) == rec.fingerprint
+            out.append({"module": name, "status": "match" if same else "differs", "detail": ""})
+    return out
+
+
+def _print_patch(info: dict[str, Any]) -> None:
+    prov = info["provenance"]
+    title = info["source"] + (f" (subfolder {info['subfolder']})" if info["subfolder"] else "")
+    reg = f"{prov['regularizer']} keeping {prov['keep_ratio']}" if prov["regularizer"] else "none"
+    say(f"Patch {title}")
+    say(f"  base model:   {prov['base_model_name_or_path']} (revision {prov['base_model_revision'] or 'unknown'})")
+    say(f"  editor:       {prov['editor']} {json.dumps(prov['editor_hparams'], sort_keys=True)}")
+    say(f"  regularizer:  {reg}")
+    changed = f"{info['nnz']:,} of {info['numel']:,} entries ({info['density']:.2%})"
+    say(f"  changed:      {changed}, {info['bytes']:,} bytes")
+    say(f"  values:       {prov['value_dtype']}; content {prov['content_hash']}")
+    say(f"  written by:   hf_edit_patch {prov['library_version']} (format {prov['format_version']})")
+    parents = ", ".join(p.get("name", "?") for p in prov["parent_patches"]) or "none"
+    say(f"  parents:      {parents}")
+    say(f"  modules ({len(info['modules'])}):")
+    for m in info["modules"]:
+        shape = "×".join(map(str, m["shape"]))
+        say(
+            f"    {m['name']:<40} {shape:>11} {m['layout']:<7} nnz {m['nnz']:>10,} ({m['density']:6.2%}) "
+            f"{m['encoding']:<7} {m['bytes']:>11,} B"
+        )
+    say(f"  requests ({len(prov['requests'])}):")
+    for r in prov["requests"][:20]:
+        text = str(r.get("prompt", "")).replace("{}", str(r.get("subject", "")))
+        say(
+            f"    {text!r} -> {r.get('target_new')!r}"
+            + (f" (was {r['target_true']!r})" if r.get("target_true") else "")
+        )
+    if len(prov["requests"]) > 20:
+        say(f"    ... and {len(prov['requests']) - 20} more")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from ..config import CONFIG_NAME, STACK_NAME
+    from ..errors import PatchNotFoundError
+    from ..hub import resolve_file
+    from ..patch import EditPatch
+
+    kwargs = hub_kwargs(args)
+    sub = kwargs.pop("subfolder")
+    if resolve_file(args.patch, CONFIG_NAME, subfolder=sub, missing_ok=True, **kwargs) is not None:
+        subfolders = [sub]
+    else:
+        stack = resolve_file(args.patch, STACK_NAME, subfolder=sub, missing_ok=True, **kwargs)
+        if stack is None:
+            raise PatchNotFoundError(f"{args.patch!r} has neither {CONFIG_NAME} (a patch) nor {STACK_NAME} (a stack)")
+        with open(stack, encoding="utf-8") as f:
+            names = json.load(f).get("patches", [])
+        subfolders = [f"{sub}/{n}" if sub else n for n in names]
+    patches = [(s, EditPatch.from_pretrained(args.patch, subfolder=s, **kwargs)) for s in subfolders]
+    infos = [_describe(p, args.patch, s) for s, p in patches]
+    failed = 0
+    if args.model is not None:
+        args.model = None if args.model == "default" else args.model
+        model, _ = load_model(args)
+        for info, (_, patch) in zip(infos, patches, strict=True):
+            info["fingerprint_check"] = _check(patch, model)
+            failed += sum(c["status"] not in ("match", "unknown") for c in info["fingerprint_check"])
+    if args.json:
+        print_json(infos if len(infos) > 1 else infos[0])
+    else:
+        for info in infos:
+            _print_patch(info)
+            for c in info.get("fingerprint_check", []):
+                say(f"  fingerprint {c['module']}: {c['status']}" + (f" ({c['detail']})" if c["detail"] else ""))
+    if failed:
+        say(f"Fingerprint check failed: {failed} module(s) differ from the weights the patch was computed on")
+        return EXIT_FAILURE
+    return EXIT_OK

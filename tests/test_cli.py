@@ -1,0 +1,288 @@
+"""The `hf-edit-patch` command, run in-process (`cli.main(argv)` returns the exit code) on a tiny Llama saved to a
+folder: every subcommand, its files, and its exit codes (0 success, 1 failure or failed check, 2 bad input)."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from test_editors import llama4, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import hf_edit_patch as hep
+from hf_edit_patch import hub
+from hf_edit_patch.cli import main
+
+EIFFEL = [
+    "--prompt", "{} is located in the city of", "--subject", "the eiffel tower", "--target-new", "rome",
+    "--target-true", "paris", "--paraphrase", "where is the eiffel tower ? in the city of",
+    "--neighborhood", "the capital of japan is",
+]  # fmt: skip
+FT_FAST = ["--method", "ft", "--hparams", '{"num_steps": 5, "norm_constraint": 0.05}', "--keep-ratio", "0.5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and avoids contention with anything else running."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a model folder, and a patch made from it by `edit`."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = tiny_tokenizer()
+    llama4(tok).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    llama4(tok, seed=1).save_pretrained(root / "other-model")
+    tok.save_pretrained(root / "other-model")
+    assert main(["edit", "--model", str(root / "model"), *EIFFEL, *FT_FAST, "-o", str(root / "patch")]) == 0
+    return SimpleNamespace(root=root, model=str(root / "model"), patch=str(root / "patch"))
+
+
+def test_help_lists_every_command_and_the_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("edit", "apply", "inspect", "eval", "push", "stats", "demo", "experiment"):
+        assert command in out
+    assert "exit codes:" in out and "2    a usage or input error" in out
+    for command in ("edit", "apply", "inspect", "eval", "push", "stats", "experiment"):
+        assert main([command, "--help"]) == 0
+    assert main(["stats", "compute", "--help"]) == 0
+    assert main(["no-such-command"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_edit_writes_a_patch_folder_from_flags(work, capsys):
+    assert sorted(os.listdir(work.patch)) == ["README.md", "patch_config.json", "patch_model.safetensors"]
+    patch = hep.EditPatch.from_pretrained(work.patch)
+    assert patch.config.editor == "ft" and patch.config.keep_ratio == 0.5
+    assert patch.config.editor_hparams["num_steps"] == 5
+    assert patch.config.requests[0]["neighborhood"] == ["the capital of japan is"]
+    card = ModelCard.load(os.path.join(work.patch, "README.md"))
+    assert card.data.library_name == "hf-edit-patch" and "ft" in card.data.tags
+
+
+def test_edit_reads_request_files_and_rejects_bad_input(work, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    lines = [
+        {"prompt": "the capital of {} is", "subject": "japan", "target_new": "berlin"},
+        {"subject": "france", "src": "what is the capital of france ?", "alt": "rome", "answers": ["paris"]},  # ZsRE
+    ]
+    requests.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    out = tmp_path / "two"
+    assert main(["edit", "--model", work.model, "--requests", str(requests), *FT_FAST, "-o", str(out)]) == 0
+    assert [r["subject"] for r in hep.EditPatch.from_pretrained(out).config.requests] == ["japan", "france"]
+    assert "Saved a ft patch of 2 request(s)" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[0]) + "\n{not json\n")
+    cases = [
+        (["--requests", str(bad)], "line 2 is not valid JSON"),
+        (["--requests", str(tmp_path / "missing.json")], "No such file"),
+        (["--prompt", "no placeholder", "--subject", "x", "--target-new", "y"], "exactly one '{}'"),
+        (["--prompt", "{} is"], "missing ['--subject', '--target-new']"),
+        ([*EIFFEL[:6], "--hparams", "{bad"], "--hparams is not valid JSON"),
+        ([*EIFFEL[:6], "--model", str(tmp_path / "no-model")], "cannot load the model"),
+        ([*EIFFEL[:6], "--model", "nobody/no-such-model"], "cannot load the model 'nobody/no-such-model'"),
+    ]
+    for args, message in cases:
+        argv = ["edit", *(["--model", work.model] if "--model" not in args else []), *args, "-o", str(tmp_path / "x")]
+        assert main(argv) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert main(["edit", *EIFFEL, "--keep-ratio", "1.5", "-o", str(tmp_path / "x")]) == 2
+    assert "must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_apply_saves_the_merged_model_and_generates(work, tmp_path, capsys):
+    out = tmp_path / "merged"
+    argv = ["apply", work.patch, "--model", work.model, "--prompt", "the eiffel tower is located in the city of"]
+    assert main([*argv, "--max-new-tokens", "2", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Attached 1 patch(es): patch" in text and "base:" in text and "patched:" in text
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(work.model)
+    pm = hep.PatchedModel.from_pretrained(base, work.patch)
+    for name, param in merged.state_dict().items():
+        assert torch.equal(param, pm.base_model.state_dict()[name]), name
+    record = json.loads((out / "hf_edit_patch_merged.json").read_text())
+    assert record["patches"][0]["content_hash"] == pm.patches["default"].config.content_hash
+
+    assert main(["apply", work.patch, "--model", work.model]) == 2
+    assert "nothing to do" in capsys.readouterr().err
+    assert main(["apply", str(tmp_path / "none"), "--model", work.model, "-o", str(out)]) == 2
+    assert "neither an existing local folder nor a valid Hub repo id" in capsys.readouterr().err
+
+
+def test_inspect_shows_the_patch_and_checks_fingerprints(work, capsys):
+    assert main(["inspect", work.patch]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in text and any(f" {enc} " in text for enc in ("bitmask", "coo", "csr"))
+    assert "editor:       ft" in text and "'the eiffel tower is located in the city of' -> 'rome'" in text
+
+    assert main(["inspect", work.patch, "--json", "--model", work.model]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["provenance"]["editor"] == "ft" and info["nnz"] == sum(m["nnz"] for m in info["modules"])
+    assert {c["status"] for c in info["fingerprint_check"]} == {"match"}
+
+    other = str(work.root / "other-model")
+    assert main(["inspect", work.patch, "--model", other]) == 1  # the check failed: exit 1
+    text = capsys.readouterr().out
+    assert ": differs" in text and "Fingerprint check failed" in text
+    assert main(["inspect", str(work.root / "no-such-patch")]) == 2
+
+
+@pytest.fixture(scope="module")
+def evaluated(work):
+    """`eval` of the patch with one general task on a two-example file, into PATCH/evaluation."""
+    data = work.root / "tasks"
+    data.mkdir()
+    (data / "sst2_dev.tsv").write_text("sentence\tlabel\nit was a red river .\t1\nthe tower was big .\t0\n")
+    argv = ["eval", work.patch, "--model", work.model, "--tasks", "sentiment", "--task-limit", "2"]
+    assert main([*argv, "--task-data-dir", str(data)]) == 0
+    return os.path.join(work.patch, "evaluation")
+
+
+def test_eval_writes_results_plot_and_a_card_with_model_index(work, evaluated, capsys):
+    assert sorted(os.listdir(evaluated)) == ["README.md", "eval.json", "scores.png"]
+    with open(os.path.join(evaluated, "eval.json")) as f:
+        results = json.load(f)
+    assert set(results["editing"]["base"]) == {"reliability", "generalization", "locality"}
+    assert results["editing"]["base"]["locality"] == 1.0  # the base model agrees with itself
+    assert set(results["tasks"]["base"]) == set(results["tasks"]["patched"]) == {"sentiment"}
+    card = ModelCard.load(os.path.join(evaluated, "README.md"))
+    by_config = {(r.metric_type, r.metric_config): r.metric_value for r in card.data.eval_results}
+    assert by_config[("reliability", "base")] == round(results["editing"]["base"]["reliability"], 4)
+    assert by_config[("accuracy", "patched")] == round(results["tasks"]["patched"]["sentiment"], 4)
+    assert "![Scores without and with the patch](scores.png)" in card.text
+
+    assert main(["eval", work.patch, "--model", work.model, "--tasks", "chess"]) == 2
+    assert "unknown task(s) ['chess']" in capsys.readouterr().err
+    assert main(["eval", "user/some-patch", "--model", work.model]) == 2
+    assert "give --output-dir" in capsys.readouterr().err
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class FakeApi:
+    """`HfApi` at its boundary: records the calls and the exact files of the commit."""
+
+    calls: list = []
+    files: dict = {}
+
+    def __init__(self, token=None):
+        FakeApi.calls.append(("init", {"token": token}))
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeApi.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def create_branch(self, repo_id, **kwargs):
+        FakeApi.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        FakeApi.calls.append(("upload_folder", {"repo_id": repo_id, **kwargs}))
+        FakeApi.files = {
+            os.path.relpath(os.path.join(d, f), folder_path): _read(os.path.join(d, f))
+            for d, _, files in os.walk(folder_path)
+            for f in files
+        }
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/1", pr_url=None)
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    FakeApi.calls, FakeApi.files = [], {}
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+
+    def no_file(repo_id, filename, **kwargs):
+        raise hub.EntryNotFoundError(f"{filename} not found")
+
+    monkeypatch.setattr(hub, "hf_hub_download", no_file)
+    return FakeApi
+
+
+def test_push_sends_patch_evaluation_and_card_in_one_commit(work, evaluated, fake_api, tmp_path, capsys):
+    argv = ["push", work.patch, "user/eiffel", "--private", "--revision", "dev", "--commit-message", "eiffel"]
+    assert main([*argv, "--token", "tok", "--license", "mit"]) == 0
+    assert "Pushed" in capsys.readouterr().out
+    assert [c[0] for c in fake_api.calls if c[0] != "init"] == ["create_repo", "create_branch", "upload_folder"]
+    create = dict(fake_api.calls)["create_repo"]
+    assert create["repo_id"] == "user/eiffel" and create["private"] is True and create["token"] == "tok"
+    upload = dict(fake_api.calls)["upload_folder"]
+    assert upload["revision"] == "dev" and upload["commit_message"] == "eiffel" and upload["create_pr"] is False
+    assert sorted(fake_api.files) == [
+        "README.md", "evaluation/README.md", "evaluation/eval.json", "evaluation/scores.png", "patch_config.json",
+        "patch_model.safetensors",
+    ]  # fmt: skip
+    assert fake_api.files["patch_model.safetensors"] == _read(os.path.join(work.patch, "patch_model.safetensors"))
+    card = ModelCard(fake_api.files["README.md"].decode())
+    assert card.data.license == "mit" and card.data.model_name == "user/eiffel"
+    assert {r.metric_type for r in card.data.eval_results} >= {"reliability", "locality", "accuracy"}
+    assert "(evaluation/scores.png)" in card.text and 'PatchedModel.from_pretrained(base, "user/eiffel")' in card.text
+
+    assert main(["push", work.patch, "user/eiffel", "--dry-run", str(tmp_path / "staged")]) == 0
+    assert "6 file(s) would be uploaded" in capsys.readouterr().out
+    assert main(["push", str(tmp_path / "nothing"), "user/eiffel"]) == 2
+    assert main(["push", work.patch, "user/eiffel", "--evaluation", str(tmp_path / "nothing")]) == 2
+
+
+def test_stats_compute_list_push_and_pull(work, fake_api, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the eiffel tower is in paris .\nthe capital of japan is tokyo .\nrome is in italy .\n")
+    cache = str(tmp_path / "stats")
+    argv = ["stats", "compute", "--model", work.model, "--stats-dataset", str(corpus), "--cache-dir", cache]
+    assert main([*argv, "--method", "memit", "--layers", "1", "2", "--samples", "3", "--max-length", "16"]) == 0
+    assert "Key statistics of 2 module(s)" in capsys.readouterr().out
+    assert main(["stats", "list", "--cache-dir", cache, "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [e["module"] for e in entries] == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    assert all(e["sample_count"] == 3 and e["max_length"] == 16 for e in entries)
+
+    assert main(["stats", "push", "user/stats", "--cache-dir", cache, "--model", work.model]) == 0
+    assert sorted(fake_api.files) == sorted(
+        ["README.md", "index.json", *(os.path.basename(e["path"]) for e in entries)]
+    )
+    shared = tmp_path / "shared"  # what was uploaded, as a folder `stats pull` reads like a repo
+    shared.mkdir()
+    for name, data in fake_api.files.items():
+        (shared / name).write_bytes(data)
+    assert main(["stats", "pull", str(shared), "--cache-dir", str(tmp_path / "pulled")]) == 0
+    assert "Loaded 2 statistics file(s)" in capsys.readouterr().out
+
+    assert main(["stats", "compute", "--model", work.model, "--cache-dir", cache]) == 2
+    assert "--stats-dataset" in capsys.readouterr().err
+    assert main(["stats", "push", "user/stats", "--cache-dir", str(tmp_path / "empty")]) == 2
+    assert main(["stats", "compute", "--model", work.model, "--stats-dataset", str(tmp_path / "nope.txt")]) == 2
+
+
+def test_demo_runs_on_a_tiny_model(work, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_EDIT_PATCH_CACHE", str(tmp_path / "cache"))  # its key statistics are cached there
+    argv = ["demo", "--model", work.model, "--output-dir", str(tmp_path / "demo"), "--stats-samples", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bit-identical to the base model: True" in out and "weights identical to before saving: True" in out
+
+
+def test_runtime_failures_exit_1_and_verbose_shows_the_traceback(work, monkeypatch, capsys):
+    import hf_edit_patch.editing
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(hf_edit_patch.editing, "edit", broken)
+    argv = ["edit", "--model", work.model, *EIFFEL, "-o", str(work.root / "never")]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().endswith("error: RuntimeError: out of memory")
+    assert main([*argv, "-vv"]) == 1
+    assert "Traceback" in capsys.readouterr().err
