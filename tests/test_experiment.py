@@ -228,3 +228,29 @@ def test_tasks_run_only_at_the_task_checkpoints(files, tok, tmp_path, monkeypatc
     assert len(seen) == 2
     with pytest.raises(ValueError, match=r"task_checkpoints \[3\] are not checkpoints"):
         config(files, task_checkpoints=[3])
+
+
+def test_budget_variants_run_and_the_stack_stays_bounded(files, tok, tmp_path):
+    model = llama4(tok)
+    before = snapshot(model)
+    results = ex.run_experiment(
+        config(files, regularizers=["none", "norm:0.5", "auto", "stack:0.05"], checkpoints=[2, 4]),
+        tmp_path / "out",
+        model=model,
+        tokenizer=tok,
+        plots=False,
+    )
+    assert_state_equal(model, before)
+    runs = {r["regularizer"]: r["checkpoints"] for r in results["runs"].values()}
+    numel = model.get_submodule("model.layers.3.mlp.down_proj").weight.numel()
+    # The stack is re-sparsified after every edit: its entries stay within the budget however many edits.
+    assert all(p["nnz"] <= round(0.05 * numel) for p in runs["stack:0.05"].values())
+    assert runs["none"]["4"]["nnz"] > 3 * round(0.05 * numel)
+    assert runs["norm:0.5"]["4"]["nnz"] < runs["none"]["4"]["nnz"]
+    # "auto" checks each edit alone when it is made; later edits may still interfere with it.
+    assert runs["auto"]["4"]["nnz"] < runs["none"]["4"]["nnz"]
+    assert runs["auto"]["2"]["editing"]["reliability"] > results["base"]["editing"]["reliability"]
+    with pytest.raises(ValueError, match="needs setting='sequential'"):
+        config(files, setting="single", regularizers=["stack:0.4"])
+    with pytest.raises(ValueError, match="takes no keep ratio"):
+        config(files, regularizers=["auto:0.3"])

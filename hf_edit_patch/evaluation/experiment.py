@@ -44,22 +44,28 @@ __all__ = ["ExperimentConfig", "load_zsre", "main", "plot_results", "run_experim
 
 SETTINGS = ("sequential", "single")
 UNITS = ("instance", "batch")
-REGULARIZERS = ("none", "rect", "random", "pca")
+REGULARIZERS = ("none", "rect", "random", "pca", "norm", "auto", "stack")
 RESULTS_FILE = "results.json"
 HEATMAP_SIZE = 64
 TASKS = ("reasoning", "nli", "open_qa", "closed_qa", "dialogue", "summarization", "ner", "sentiment")
 
 
 def _parse_regularizer(spec: str) -> tuple[str, float | None]:
-    """ "rect:0.4" → ("rect", 0.4); "none" → ("none", None)."""
+    """Regularizer specs of a run.
+
+    "none" (the whole update), "rect:K" / "random:K" / "pca:K" (keep ratio K), "norm:F" (RECT keeping the fewest
+    entries that carry F of each update's squared norm), "auto" (RECT with `keep_ratio="auto"`), and "stack:K"
+    (sequential editing: whole updates, the stack re-sparsified with RECT at K after every edit).
+    Returns (name, number or None).
+    """
     if not isinstance(spec, str):
         raise ValueError(f"a regularizer is a string like 'rect:0.4' or 'none', got {spec!r}")
     name, _, ratio = spec.partition(":")
     if name not in REGULARIZERS:
         raise ValueError(f"unknown regularizer {name!r} in {spec!r}; accepted: {REGULARIZERS} (e.g. 'rect:0.4')")
-    if name == "none":
+    if name in ("none", "auto"):
         if ratio:
-            raise ValueError(f"'none' takes no keep ratio, got {spec!r}")
+            raise ValueError(f"{name!r} takes no keep ratio, got {spec!r}")
         return name, None
     try:
         keep = float(ratio)
@@ -68,6 +74,18 @@ def _parse_regularizer(spec: str) -> tuple[str, float | None]:
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep ratio of {spec!r} must be in (0, 1]")
     return name, keep
+
+
+def _edit_settings(spec: str) -> dict[str, Any]:
+    """The `hf_edit_patch.edit` arguments of a regularizer spec."""
+    name, value = _parse_regularizer(spec)
+    if name in ("none", "stack"):
+        return {"keep_ratio": None}
+    if name == "norm":
+        return {"regularizer": "rect", "norm_budget": value}
+    if name == "auto":
+        return {"regularizer": "rect", "keep_ratio": "auto"}
+    return {"regularizer": name, "keep_ratio": value}
 
 
 @dataclass
@@ -105,7 +123,8 @@ class ExperimentConfig:
         if self.unit not in UNITS:
             raise ValueError(f"unknown unit {self.unit!r}; accepted: {UNITS}")
         for spec in self.regularizers:
-            _parse_regularizer(spec)
+            if _parse_regularizer(spec)[0] == "stack" and self.setting != "sequential":
+                raise ValueError(f"{spec!r} re-sparsifies a stack of edits: it needs setting='sequential'")
         if len(set(self.regularizers)) != len(self.regularizers):
             raise ValueError(f"regularizers repeat: {self.regularizers}")
         if not self.checkpoints or any(not isinstance(c, int) or c < 1 for c in self.checkpoints):
@@ -337,15 +356,13 @@ class _Runner:
     def _edit(self, pm: Any, requests: Sequence[Any], spec: str) -> Any:
         from ..editing import edit
 
-        name, keep = _parse_regularizer(spec)
         return edit(
             pm,
             self.tokenizer,
             list(requests),
             method=self.config.method,
-            keep_ratio=keep,
-            regularizer="rect" if name == "none" else name,
             show_progress=False,
+            **_edit_settings(spec),
             **self.edit_kwargs,
         )
 
@@ -367,6 +384,8 @@ class _Runner:
         if not todo:
             return
         patch_dir = self.out / "patches" / run_name
+        name, value = _parse_regularizer(spec)
+        stack_keep = value if name == "stack" else None
         pm = PatchedModel(self.model)
         base_weights: dict[str, Any] = {}
         edit_seconds = 0.0
@@ -390,6 +409,8 @@ class _Runner:
                 if not base_weights:
                     base_weights = self._weight_names(patch)
                 pm.add_patch(patch, f"edit{done}")
+                if stack_keep is not None:
+                    pm.compact(keep_ratio=stack_keep)
                 done += len(group)
                 bar.update(len(group))
                 if done in todo:
@@ -602,7 +623,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--regularizers",
         nargs="+",
         default=["none", "rect:0.4"],
-        help="none, rect:K, random:K, pca:K with K the keep ratio (default: none rect:0.4)",
+        help="none, rect:K, random:K, pca:K (K the keep ratio), norm:F (RECT norm budget), auto (RECT with "
+        "keep_ratio='auto'), stack:K (sequential: the stack re-sparsified to K) (default: none rect:0.4)",
     )
     p.add_argument("--setting", default="sequential", choices=SETTINGS)
     p.add_argument("--unit", default="instance", choices=UNITS, help="one request per edit, or --batch-size")
