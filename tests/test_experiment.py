@@ -103,6 +103,10 @@ def test_sequential_run_records_every_checkpoint_and_restores_the_model(files, t
     # More sequential edits, more weight change.
     first, last = (runs["ft-sequential-instance-none-seed0"]["checkpoints"][n] for n in ("2", "4"))
     assert last["weights"]["manhattan"] > first["weights"]["manhattan"]
+    table = ex.summary_table(results).splitlines()
+    assert len(table) == 2 + 1 + 4  # header, base, two runs × two checkpoints
+    assert table[2].startswith("| base | 0 |") and any(r.startswith("| rect:0.4 | 4 | ") for r in table)
+    assert ex.tasks_table(results) == ""  # no tasks ran
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["heatmap.png", "scores.png"]
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
@@ -224,6 +228,7 @@ def test_tasks_run_only_at_the_task_checkpoints(files, tok, tmp_path, monkeypatc
     )
     points = results["runs"]["ft-sequential-instance-none-seed0"]["checkpoints"]
     assert points["2"]["tasks"] == {} and points["4"]["tasks"] == {"sentiment": 0.5}
+    assert ex.tasks_table(results).splitlines()[2:] == ["| base | 0 | 0.500 | 0.500 |", "| none | 4 | 0.500 | 0.500 |"]
     assert results["base"]["tasks"] == {"sentiment": 0.5}
     assert len(seen) == 2
     with pytest.raises(ValueError, match=r"task_checkpoints \[3\] are not checkpoints"):

@@ -40,7 +40,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExperimentConfig", "load_zsre", "main", "plot_results", "run_experiment"]
+__all__ = ["ExperimentConfig", "load_zsre", "main", "plot_results", "run_experiment", "summary_table", "tasks_table"]
 
 SETTINGS = ("sequential", "single")
 UNITS = ("instance", "batch")
@@ -514,6 +514,62 @@ def run_experiment(
     return results
 
 
+# ---------------------------------------------------------------------- tables
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """A Markdown table of every run's checkpoints (and the base model): editing metrics, drift, weight change."""
+    head = (
+        "| run | edits | reliability | generalization | locality | KL | perplexity | stored entries "
+        "| δ > 0.077 | δ > 0.171 | Manhattan |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    base = results.get("base")
+    if base is not None:
+        e, d = base["editing"], base["drift"]
+        rows.append(
+            f"| base | 0 | {_fmt(e['reliability'])} | {_fmt(e['generalization'])} | {_fmt(e['locality'])} | 0 "
+            f"| {_fmt(d['ppl_base'], '.2f')} | 0 | 0 | 0 | 0 |"
+        )
+    for run in results["runs"].values():
+        for n, p in sorted(run["checkpoints"].items(), key=lambda kv: int(kv[0])):
+            e, d, w = p["editing"], p["drift"], p.get("weights") or {}
+            frac = w.get("frac_rel_change_gt", {})
+            rows.append(
+                f"| {run['regularizer']} | {n} | {_fmt(e['reliability'])} | {_fmt(e['generalization'])} "
+                f"| {_fmt(e['locality'])} | {_fmt(d['kl'], '.4f')} | {_fmt(d['ppl_edited'], '.2f')} "
+                f"| {_fmt(p.get('nnz'), ',')} | {_fmt(frac.get('0.077'), '.1%')} | {_fmt(frac.get('0.171'), '.1%')} "
+                f"| {_fmt(w.get('manhattan'), '.1f')} |"
+            )
+    return "\n".join(rows)
+
+
+def tasks_table(results: dict[str, Any]) -> str:
+    """A Markdown table of the general-task scores of the base model and of every checkpoint that ran them."""
+    lines = []
+    base = results.get("base") or {}
+    points = [("base", 0, base.get("tasks") or {})]
+    for run in results["runs"].values():
+        for n, p in sorted(run["checkpoints"].items(), key=lambda kv: int(kv[0])):
+            if p.get("tasks"):
+                points.append((run["regularizer"], int(n), p["tasks"]))
+    tasks = sorted({t for _, _, s in points for t in s})
+    if not tasks:
+        return ""
+    lines.append("| run | edits | " + " | ".join(tasks) + " | mean |")
+    lines.append("|---|---|" + "---|" * (len(tasks) + 1))
+    for label, n, scores in points:
+        if not scores:
+            continue
+        mean = sum(scores[t] for t in tasks) / len(tasks)
+        lines.append(f"| {label} | {n} | " + " | ".join(_fmt(scores.get(t)) for t in tasks) + f" | {_fmt(mean)} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- plots
 
 
@@ -700,8 +756,9 @@ def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = No
     except (ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    for name, run in results["runs"].items():
-        for n, point in sorted(run["checkpoints"].items(), key=lambda kv: int(kv[0])):
-            sys.stdout.write(f"{name} @ {n} edits: {_summary(point)}\n")
+    sys.stdout.write(summary_table(results) + "\n\n")
+    table = tasks_table(results)
+    if table:
+        sys.stdout.write(table + "\n\n")
     sys.stdout.write(f"Results in {Path(args.output_dir) / RESULTS_FILE}\n")
     return 0
