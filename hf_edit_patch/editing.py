@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .editors import ft, memit, rome
+from .editors import alphaedit, ft, kn, memit, mend, rome
 from .editors.architectures import default_rome_layer, get_arch, mlp_width
-from .editors.hparams import FTHParams, MemitHParams, RomeHParams
+from .editors.hparams import AlphaEditHParams, FTHParams, KNHParams, MemitHParams, MendHParams, RomeHParams
 from .editors.stats import get_second_moments
 from .errors import PatchError
 from .modules import unwrap_peft
@@ -32,7 +32,15 @@ from .requests import as_requests
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rome", "memit", "ft")
+METHODS = ("rome", "memit", "ft", "kn", "mend", "alphaedit")
+HPARAMS = {
+    "rome": RomeHParams,
+    "memit": MemitHParams,
+    "ft": FTHParams,
+    "kn": KNHParams,
+    "mend": MendHParams,
+    "alphaedit": AlphaEditHParams,
+}
 
 
 def edit(
@@ -62,8 +70,10 @@ def edit(
             and records its active patches as parents).
         tokenizer: the model's tokenizer.
         requests: `EditRequest`s (or dicts with their fields).
-        method: "rome" (one rank-one update per fact), "memit" (a batch spread over several layers) or "ft"
-            (constrained fine-tuning of one layer).
+        method: "rome" (one rank-one update per fact), "memit" (a batch spread over several layers), "ft"
+            (constrained fine-tuning of one layer), "alphaedit" (MEMIT projected onto the null space of preserved
+            keys), "kn" (knowledge neurons: a few neurons' value vectors) or "mend" (a trained MEND editor:
+            `hparams={"editor": editor_or_path}`).
         keep_ratio: the regularizer's fraction of ΔW entries to keep; None keeps the whole update. "auto" picks,
             for this edit, the smallest ratio of `AUTO_KEEP_RATIOS` at which every request still does as well on its
             prompt and paraphrases (teacher-forced token accuracy of `target_new`) as with the whole update; the
@@ -72,7 +82,8 @@ def edit(
         norm_budget: RECT only, instead of `keep_ratio`: keep the fewest entries (largest |ΔW/W| first) that
             carry this fraction of each ΔW's squared norm.
         regularizer_kwargs: extra regularizer settings (`{"seed": 1}` for random-k, `{"rank": 4}` for PCA-k).
-        hparams: the method's hyperparameters (`RomeHParams`, `MemitHParams`, `FTHParams`, or a dict of fields).
+        hparams: the method's hyperparameters (`RomeHParams`, `MemitHParams`, `FTHParams`, `AlphaEditHParams`,
+            `KNHParams`, `MendHParams`, or a dict of fields).
         stats_dataset: corpus for the key statistics of ROME/MEMIT: a `datasets` id or a local .txt/.json/.jsonl
             file (with `stats_text_field`); cached statistics are reused.
         allow_model_sampled_stats: without a corpus, compute the statistics from text the model samples itself
@@ -100,21 +111,47 @@ def edit(
     # (LoRA active) and its ΔW targets the base weights under the adapters
     base = unwrap_peft(model.base_model if getattr(model, "is_patched_model", False) else model)
     spec = get_arch(base, templates=templates)
-    hp_cls = {"rome": RomeHParams, "memit": MemitHParams, "ft": FTHParams}[method]
-    hp = hp_cls.from_any(hparams)
-    if method == "memit":  # record the layers and λ actually used
+    hp = HPARAMS[method].from_any(hparams)
+    if method in ("memit", "alphaedit"):  # record the layers and λ actually used
         if hp.layers is None:
             hp = dataclasses.replace(hp, layers=memit.edited_layers(base, hp, spec))
-        if hp.mom2_update_weight is None:
+        if method == "memit" and hp.mom2_update_weight is None:
             hp = dataclasses.replace(hp, mom2_update_weight=float(mlp_width(base, spec)))
-    elif method != "memit" and hp.layer is None:
+    elif method == "kn" and hp.layers is None:
+        hp = dataclasses.replace(hp, layers=kn.attributed_layers(base, hp, spec))
+    elif method in ("rome", "ft") and hp.layer is None:
         hp = dataclasses.replace(hp, layer=default_rome_layer(base, spec))
     was_training = base.training
     base.eval()
     try:
+        stats_source, extra = None, {}
         if method == "ft":
             deltas = ft.ft_deltas(base, tokenizer, reqs, hp, spec, show_progress=show_progress)
-            stats_source = None
+        elif method == "kn":
+            deltas, extra["neurons"] = kn.kn_deltas(base, tokenizer, reqs, hp, spec, show_progress=show_progress)
+        elif method == "mend":
+            deltas, editor = mend.mend_deltas(base, tokenizer, reqs, hp, spec)
+            extra = editor.describe()
+        elif method == "alphaedit":
+            projections = alphaedit.null_space_projections(
+                base,
+                tokenizer,
+                alphaedit.target_modules(base, hp, spec),
+                threshold=hp.nullspace_threshold,
+                stats_dataset=stats_dataset,
+                text_field=stats_text_field,
+                sample_count=hp.mom2_n_samples,
+                max_length=hp.mom2_max_length,
+                cache=stats_cache,
+                allow_model_sampled=allow_model_sampled_stats,
+                show_progress=show_progress,
+            )
+            stats_source = str(stats_dataset) if stats_dataset is not None else "model-sampled text"
+            previous = alphaedit.parent_requests(model) if hp.preserve_parent_keys else []
+            deltas = alphaedit.alphaedit_deltas(
+                base, tokenizer, reqs, hp, spec, projections, previous=previous, show_progress=show_progress
+            )
+            extra["preserved_requests"] = len(previous)
         else:
             modules = (rome if method == "rome" else memit).target_modules(base, hp, spec)
             moments, stats_source = None, None
@@ -136,7 +173,7 @@ def edit(
             deltas = compute(base, tokenizer, reqs, hp, spec, moments, show_progress=show_progress)
     finally:
         base.train(was_training)
-    record = hp.to_dict()
+    record = {**hp.to_dict(), **extra}
     if stats_source is not None:
         record["stats_dataset"] = stats_source
     common: dict[str, Any] = {

@@ -96,3 +96,93 @@ def test_memit_batch_of_ten_facts(smol, stats_args):
     wins = sum(succeeds(pm, tok, r.text, r.target_new, r.target_true) for r in reqs)
     pm.unload()
     assert wins >= 8, f"{wins}/10 edits succeeded"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# AlphaEdit, KN, MEND
+# ---------------------------------------------------------------------------------------------------------------------
+
+ZSRE = Path(__file__).resolve().parents[2] / "shared" / "data" / "editing" / "zsre_eval.json"
+
+
+@pytest.fixture
+def one_thread():
+    """These runs are small matrix ops on 2 cores; a second thread mostly waits on the other processes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_alphaedit_batch_lands_and_spares_the_preserved_keys(smol, stats_args, one_thread):
+    from hf_edit_patch.editors import alphaedit
+
+    model, tok = smol
+    capitals = list(CAPITALS.values())[:4]
+    reqs = [capital_request(c, capitals[(i + 1) % 4]) for i, c in enumerate(list(CAPITALS)[:4])]
+    hp = {"mom2_n_samples": 300, "n_context_templates": 2}
+    patch = hep.edit(model, tok, reqs, method="alphaedit", hparams=hp, value_dtype="float32", **stats_args)
+    assert sorted(patch.target_modules) == [f"model.layers.{i}.mlp.down_proj" for i in range(4, 9)]
+    pm = hep.PatchedModel.from_pretrained(model, patch)
+    wins = sum(succeeds(pm, tok, r.text, r.target_new, r.target_true) for r in reqs)
+    kept = succeeds(pm, tok, "The capital of Poland is", "Warsaw", capitals[0])
+    pm.unload()
+    assert wins >= 3 and kept, f"{wins}/4 edits succeeded, neighbour kept: {kept}"
+    # ΔW lives in the null space: ΔW = ΔW P, so ΔW k = 0 for keys in the span of the preserved ones
+    name = "model.layers.6.mlp.down_proj"
+    p = alphaedit.null_space_projections(
+        model,
+        tok,
+        [name],
+        threshold=2e-2,
+        sample_count=300,
+        stats_dataset=stats_args.get("stats_dataset"),
+        text_field=stats_args.get("stats_text_field", "text"),
+        allow_model_sampled=stats_args.get("allow_model_sampled_stats", False),
+        cache=stats_args["stats_cache"],
+    )[name]
+    dense = patch.deltas[name].to_dense().double()
+    assert (dense - dense @ p).norm() < 1e-5 * dense.norm()
+
+
+def test_kn_raises_the_new_target_with_a_few_neurons(smol, one_thread):
+    model, tok = smol
+    base = snapshot(model)
+    req = hep.EditRequest(
+        prompt=EIFFEL.prompt,
+        subject=EIFFEL.subject,
+        target_new="Rome",
+        target_true="Paris",
+        paraphrases=["Where is the Eiffel Tower? It is in the city of"],
+    )
+    before = target_logprob(model, tok, req.text, "Rome")
+    patch = hep.edit(model, tok, [req], method="kn", keep_ratio=None)
+    assert_state_equal(model, base)
+    neurons = patch.config.editor_hparams["neurons"][0]
+    assert 0 < len(neurons) <= 200 and all(layer >= 15 for layer, _ in neurons)  # the upper half by default
+    assert patch.nnz <= len(neurons) * 576  # whole value vectors of those neurons, nothing else
+    pm = hep.PatchedModel.from_pretrained(model, patch)
+    after = target_logprob(pm, tok, req.text, "Rome")
+    pm.unload()
+    assert after > before + 1.0, (before, after)
+
+
+@pytest.mark.skipif(not ZSRE.is_file(), reason="needs ../shared/data/editing/zsre_eval.json")
+def test_mend_trained_on_zsre_beats_the_untrained_editor_on_unseen_records(smol, one_thread):
+    import json
+
+    from hf_edit_patch.editors import mend
+    from hf_edit_patch.evaluation import evaluate_edits
+
+    model, tok = smol
+    base = snapshot(model)
+    records = json.loads(ZSRE.read_text())
+    held_out = [hep.EditRequest.from_zsre(r) for r in records[800:810]]  # disjoint from the training records
+    scores = {}
+    for steps in (0, 30):
+        editor = mend.train(model, tok, records[:20], max_steps=steps, show_progress=False)
+        scores[steps] = evaluate_edits(model, tok, held_out, method="mend", hparams={"editor": editor})
+    assert_state_equal(model, base)
+    assert scores[30]["reliability"] > scores[0]["reliability"] + 0.2, scores

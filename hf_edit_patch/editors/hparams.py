@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,3 +148,122 @@ class FTHParams(_Base):
     def __post_init__(self) -> None:
         _positive(self, "num_steps", "lr", "norm_constraint")
         _positive(self, "early_stop_loss", allow_zero=True)
+
+
+def _check_layers(obj: Any) -> None:
+    layers = obj.layers
+    if layers is None:
+        return
+    if (
+        not isinstance(layers, (list, tuple))
+        or not layers
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)
+    ):
+        raise HParamsError(f"{type(obj).__name__}.layers must be a non-empty list of ints >= 0, got {layers!r}")
+    obj.layers = sorted(set(layers))
+
+
+@dataclass
+class AlphaEditHParams(ValueOptHParams):
+    """AlphaEdit: MEMIT's update projected onto the null space of preserved keys (Fang et al., ICLR 2025).
+
+    The key statistics (`mom2_*`) are always used: the projection is built from them (`mom2_adjustment` is ignored).
+    """
+
+    layers: list[int] | None = field(default=None, metadata={"help": "Layers to edit (None: MEMIT's default)."})
+    nullspace_threshold: float = field(
+        default=2e-2,
+        metadata={
+            "help": "Eigenvalues of C = E[k kᵀ] below this span the null space the update is confined to "
+            "(AlphaEdit's released configs: 2e-2; the paper's text: 1e-2, which on SmolLM2-135M leaves ~10% of a "
+            "key's energy in the null space, too little for l2 = 10)."
+        },
+    )
+    l2: float = field(
+        default=10.0,
+        metadata={"help": "The ridge term of the solve, (K_p K_pᵀ P + K Kᵀ P + l2·I)⁻¹ (AlphaEdit's L2 = 10)."},
+    )
+    preserve_parent_keys: bool = field(
+        default=True,
+        metadata={
+            "help": "On a PatchedModel, K_p holds the keys of the requests of its active patches (recomputed on "
+            "the current weights), as in sequential AlphaEdit; otherwise K_p is empty."
+        },
+    )
+    v_num_grad_steps: int = field(default=25, metadata={"help": "Maximum optimization steps per target vector."})
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _positive(self, "nullspace_threshold")
+        _positive(self, "l2", allow_zero=True)
+        _check_layers(self)
+
+
+@dataclass
+class KNHParams(_Base):
+    """Knowledge neurons (Dai et al. 2022): integrated-gradients attribution, then an edit of those neurons' values."""
+
+    layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Layers whose MLP neurons are attributed. None: the upper half, where the KN paper found "
+            "knowledge neurons (attributing every layer, as the paper does, lets the massive-activation neurons of "
+            "early layers win: on SmolLM2-135M one layer-0 neuron takes every prompt)."
+        },
+    )
+    steps: int = field(default=20, metadata={"help": "Riemann steps of the integrated gradients."})
+    adaptive_threshold: float = field(
+        default=0.2, metadata={"help": "A neuron is kept for a prompt when its attribution exceeds this × the max."}
+    )
+    prompt_share: float = field(
+        default=0.5,
+        metadata={"help": "Neurons kept for more than this fraction of the prompts (prompt + paraphrases) survive."},
+    )
+    max_neurons: int | None = field(
+        default=None, metadata={"help": "Keep at most this many neurons per request, by attribution (None: all)."}
+    )
+    erase_scale: float = field(
+        default=2.0, metadata={"help": "λ₁: times the old answer's embedding subtracted from each neuron's value."}
+    )
+    add_scale: float = field(
+        default=2.0, metadata={"help": "λ₂: times the new answer's embedding added to each neuron's value."}
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "adaptive_threshold")
+        _positive(self, "erase_scale", "add_scale", allow_zero=True)
+        if not 0.0 <= self.prompt_share < 1.0:
+            raise HParamsError(f"KNHParams.prompt_share must be in [0, 1), got {self.prompt_share!r}")
+        if not 0.0 < self.adaptive_threshold <= 1.0:
+            raise HParamsError(f"KNHParams.adaptive_threshold must be in (0, 1], got {self.adaptive_threshold!r}")
+        if self.max_neurons is not None:
+            _positive(self, "max_neurons")
+        _check_layers(self)
+
+
+@dataclass
+class MendHParams(_Base):
+    """MEND (Mitchell et al. 2022): a trained editor network turns the fine-tuning gradient into ΔW."""
+
+    editor: Any = field(
+        default=None,
+        metadata={"help": "A trained `MendEditor`, or a folder or Hub repo id written by its save_pretrained."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Revision of a Hub editor."})
+
+    def __post_init__(self) -> None:
+        if self.editor is None:
+            raise HParamsError(
+                "method='mend' needs a trained editor: hparams={'editor': editor} with a MendEditor from "
+                "hf_edit_patch.editors.mend.train(...), or the folder / Hub repo id it was saved to"
+            )
+        if isinstance(self.editor, os.PathLike):
+            self.editor = os.fspath(self.editor)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: the editor is recorded by where it came from and what it edits, not by its weights."""
+        editor = self.editor
+        if isinstance(editor, str):
+            return {"editor": editor, "revision": self.revision}
+        info = editor.describe() if hasattr(editor, "describe") else {"editor": type(editor).__name__}
+        return {**info, "revision": self.revision}

@@ -67,6 +67,7 @@ __all__ = [
     "load_texts",
     "model_sampled_texts",
     "push_stats_to_hub",
+    "stats_keys",
 ]
 
 STATS_FORMAT = "hf_edit_patch.stats"
@@ -1180,29 +1181,20 @@ def get_second_moments(
     ```
     """
     widths = _input_widths(model, module_names)
-    if stats_dataset is None:
-        if not allow_model_sampled:
-            raise StatsUnavailableError(_no_corpus_message(module_names))
-        source: TextSource | None = None
-        dataset_key, key_text_field = f"{MODEL_SAMPLED_PREFIX}:{MODEL_SAMPLED_SEED}:{sample_count}", ""
-    else:
-        source = (
-            stats_dataset
-            if isinstance(stats_dataset, TextSource)
-            else TextSource(stats_dataset, text_field=text_field, split=split)
-        )
-        dataset_key, key_text_field = source.fingerprint(), source.key_text_field
-
-    found_id, found_revision = model_source(model)
-    model_id = model_id or found_id
-    revision = revision if revision is not None else found_revision
-    keys: dict[str, StatsKey] = {}
-    if model_id:
+    source, keys = _source_and_keys(
+        model,
+        list(widths),
+        stats_dataset=stats_dataset,
+        text_field=text_field,
+        split=split,
+        sample_count=sample_count,
+        max_length=max_length,
+        model_id=model_id,
+        revision=revision,
+        allow_model_sampled=allow_model_sampled,
+    )
+    if keys:
         cache = cache if cache is not None else StatsCache()
-        keys = {
-            name: StatsKey(model_id, revision, name, dataset_key, key_text_field, sample_count, max_length)
-            for name in widths
-        }
     else:
         logger.warning(
             "the model has no id (it was not loaded with from_pretrained): key statistics are computed and not "
@@ -1261,6 +1253,86 @@ def get_second_moments(
                 cache.put(keys[name], matrix, count, info=info)
             results[name] = matrix
     return {name: results[name] for name in widths}
+
+
+def _source_and_keys(
+    model: Any,
+    module_names: Sequence[str],
+    *,
+    stats_dataset: str | os.PathLike | TextSource | None,
+    text_field: str,
+    split: str,
+    sample_count: int,
+    max_length: int,
+    model_id: str | None,
+    revision: str | None,
+    allow_model_sampled: bool,
+) -> tuple[TextSource | None, dict[str, StatsKey]]:
+    """The corpus (None: model-sampled text) and the cache key of each module's statistics ({} without a model id)."""
+    if stats_dataset is None:
+        if not allow_model_sampled:
+            raise StatsUnavailableError(_no_corpus_message(module_names))
+        source: TextSource | None = None
+        dataset_key, key_text_field = f"{MODEL_SAMPLED_PREFIX}:{MODEL_SAMPLED_SEED}:{sample_count}", ""
+    else:
+        source = (
+            stats_dataset
+            if isinstance(stats_dataset, TextSource)
+            else TextSource(stats_dataset, text_field=text_field, split=split)
+        )
+        dataset_key, key_text_field = source.fingerprint(), source.key_text_field
+    found_id, found_revision = model_source(model)
+    model_id = model_id or found_id
+    revision = revision if revision is not None else found_revision
+    if not model_id:
+        return source, {}
+    return source, {
+        name: StatsKey(model_id, revision, name, dataset_key, key_text_field, sample_count, max_length)
+        for name in module_names
+    }
+
+
+def stats_keys(
+    model: Any,
+    module_names: Sequence[str],
+    *,
+    stats_dataset: str | os.PathLike | TextSource | None = None,
+    text_field: str = "text",
+    split: str = "train",
+    sample_count: int = 1000,
+    max_length: int = 256,
+    model_id: str | None = None,
+    revision: str | None = None,
+    allow_model_sampled: bool = False,
+) -> dict[str, StatsKey]:
+    """
+    The [`StatsKey`] under which [`get_second_moments`] caches each module's statistics, for the same arguments.
+
+    Quantities derived from a second moment (AlphaEdit's null-space projection) are cached under the same key.
+
+    Returns:
+        `dict[str, StatsKey]`: one key per module; empty when the model has no id (nothing is cached then).
+
+    Example:
+
+    ```python
+    >>> from hf_edit_patch.editors.stats import stats_keys
+    >>> stats_keys(model, ["model.layers.5.mlp.down_proj"], allow_model_sampled=True)  # doctest: +SKIP
+    {'model.layers.5.mlp.down_proj': StatsKey(model_id='HuggingFaceTB/SmolLM2-135M-Instruct', ...)}
+    ```
+    """
+    return _source_and_keys(
+        model,
+        module_names,
+        stats_dataset=stats_dataset,
+        text_field=text_field,
+        split=split,
+        sample_count=sample_count,
+        max_length=max_length,
+        model_id=model_id,
+        revision=revision,
+        allow_model_sampled=allow_model_sampled,
+    )[1]
 
 
 def _no_corpus_message(module_names: Sequence[str]) -> str:
