@@ -259,3 +259,12 @@ def test_budget_variants_run_and_the_stack_stays_bounded(files, tok, tmp_path):
         config(files, setting="single", regularizers=["stack:0.4"])
     with pytest.raises(ValueError, match="takes no keep ratio"):
         config(files, regularizers=["auto:0.3"])
+
+
+def test_every_editor_is_a_method_of_the_runner(files):
+    from hf_edit_patch.editing import METHODS
+
+    for method in METHODS:
+        assert config(files, method=method).method == method
+    with pytest.raises(ValueError, match="unknown method"):
+        config(files, method="grace")

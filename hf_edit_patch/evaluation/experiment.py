@@ -116,8 +116,10 @@ class ExperimentConfig:
     single_task_edits: int = 1
 
     def __post_init__(self) -> None:
-        if self.method not in ("rome", "memit", "ft"):
-            raise ValueError(f"unknown method {self.method!r}; accepted: ('rome', 'memit', 'ft')")
+        from ..editing import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; accepted: {METHODS}")
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown setting {self.setting!r}; accepted: {SETTINGS}")
         if self.unit not in UNITS:
@@ -674,7 +676,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(description="Edit a model step by step and measure what it costs.")
     p.add_argument("--data", required=True, help="ZsRE records (a JSON list, e.g. zsre_eval.json)")
     p.add_argument("--output-dir", required=True, help="results.json, patches and plots go here (resumable)")
-    p.add_argument("--method", default="rome", choices=("rome", "memit", "ft"))
+    p.add_argument(
+        "--method",
+        default="rome",
+        choices=("rome", "memit", "ft", "alphaedit", "kn", "mend"),
+        help="editor (mend needs --hparams '{\"editor\": PATH}', a trained MEND editor)",
+    )
     p.add_argument(
         "--regularizers",
         nargs="+",
