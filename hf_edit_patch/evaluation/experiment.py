@@ -646,11 +646,17 @@ def plot_results(results: dict[str, Any], output_dir: str | os.PathLike) -> list
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
+    # one checkpoint for every map, the largest all runs reached, so that the maps compare like with like
+    with_maps = [
+        (run["regularizer"], {n: p["heatmap"] for n, p in run["checkpoints"].items() if "heatmap" in p})
+        for run in results["runs"].values()
+    ]
+    with_maps = [(label, m) for label, m in with_maps if m]
+    common = set.intersection(*(set(m) for _, m in with_maps)) if with_maps else set()
     maps = []
-    for run in results["runs"].values():
-        points = sorted(run["checkpoints"].items(), key=lambda kv: int(kv[0]))
-        if points and "heatmap" in points[-1][1]:
-            maps.append((run["regularizer"], points[-1][0], points[-1][1]["heatmap"]))
+    for label, m in with_maps:
+        n = max(common, key=int) if common else max(m, key=int)
+        maps.append((label, n, m[n]))
     if maps:
         import numpy as np
 
