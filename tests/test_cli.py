@@ -286,3 +286,13 @@ def test_runtime_failures_exit_1_and_verbose_shows_the_traceback(work, monkeypat
     assert capsys.readouterr().err.strip().endswith("error: RuntimeError: out of memory")
     assert main([*argv, "-vv"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_edit_with_a_searched_ratio_or_a_norm_budget(work, tmp_path):
+    ft = ["--method", "ft", "--hparams", '{"num_steps": 5, "norm_constraint": 0.2, "lr": 0.02}']
+    assert main(["edit", "--model", work.model, *EIFFEL, *ft, "--keep-ratio", "auto", "-o", str(tmp_path / "a")]) == 0
+    auto = hep.EditPatch.from_pretrained(tmp_path / "a").config
+    assert auto.keep_ratio == auto.editor_hparams["keep_ratio_auto"]["chosen"]
+    assert main(["edit", "--model", work.model, *EIFFEL, *ft, "--norm-budget", "0.9", "-o", str(tmp_path / "n")]) == 0
+    assert hep.EditPatch.from_pretrained(tmp_path / "n").config.regularizer_kwargs == {"norm_budget": 0.9}
+    assert main(["edit", "--model", work.model, *EIFFEL, *ft, "--keep-ratio", "most", "-o", str(tmp_path / "x")]) == 2

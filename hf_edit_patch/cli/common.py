@@ -74,14 +74,16 @@ def hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def keep_ratio(text: str) -> float | None:
-    """`--keep-ratio`: a fraction in (0, 1], or `none` for an unregularized patch."""
+def keep_ratio(text: str) -> float | str | None:
+    """`--keep-ratio`: a fraction in (0, 1], `auto` (searched per edit), or `none` for an unregularized patch."""
     if text.lower() == "none":
         return None
+    if text.lower() == "auto":
+        return "auto"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], 'auto' or 'none', got {text!r}") from None
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1] (or 'none'), got {value}")
     return value

@@ -44,9 +44,23 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
         help_file="a JSON list (or one object) or a .jsonl file of requests: EditRequest fields "
         "(prompt, subject, target_new, ...), CounterFact or ZsRE records",
     )
-    p.add_argument("--method", choices=("rome", "memit", "ft"), default="rome", help="editing method (default: rome)")
     p.add_argument(
-        "--keep-ratio", type=keep_ratio, default=0.4, help="fraction of ΔW the regularizer keeps, or 'none' (0.4)"
+        "--method",
+        choices=("rome", "memit", "ft", "alphaedit", "kn", "mend"),
+        default="rome",
+        help='editing method (default: rome; mend needs --hparams {"editor": PATH})',
+    )
+    p.add_argument(
+        "--keep-ratio",
+        type=keep_ratio,
+        default=0.4,
+        help="fraction of ΔW the regularizer keeps, 'auto' (the smallest that keeps the edit), or 'none' (0.4)",
+    )
+    p.add_argument(
+        "--norm-budget",
+        type=float,
+        default=None,
+        help="RECT instead of --keep-ratio: keep the fewest entries carrying this fraction of ΔW's squared norm",
     )
     p.add_argument("--regularizer", choices=("rect", "random", "pca"), default="rect", help="(default: rect)")
     p.add_argument(
@@ -117,7 +131,8 @@ def run_edit(args: argparse.Namespace) -> int:
         tokenizer,
         requests,
         method=args.method,
-        keep_ratio=args.keep_ratio,
+        keep_ratio=None if args.norm_budget is not None else args.keep_ratio,
+        norm_budget=args.norm_budget,
         regularizer=args.regularizer,
         hparams=hparams or None,
         stats_dataset=args.stats_dataset,
