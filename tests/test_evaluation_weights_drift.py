@@ -350,3 +350,13 @@ def test_evaluation_import_stays_light():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         evaluation.nope  # noqa: B018
+
+
+def test_drift_stays_the_function_once_the_modules_are_imported():
+    import importlib
+
+    import hf_edit_patch.evaluation as evaluation
+
+    for module in ("divergence", "editing", "experiment"):
+        importlib.import_module(f"hf_edit_patch.evaluation.{module}")
+    assert callable(evaluation.drift) and evaluation.drift.__name__ == "drift"

@@ -25,7 +25,7 @@ from . import metrics
 
 _LAZY = {
     "weight_change_stats": "weights",
-    "drift": "drift",
+    "drift": "divergence",
     "evaluate_edits": "editing",
     "score_edits": "editing",
     "locality_reference": "editing",
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .drift import drift
+    from .divergence import drift
     from .editing import evaluate_edits, locality_reference, score_edits
     from .tasks import run_general_tasks
     from .weights import weight_change_stats

@@ -304,7 +304,7 @@ class _Runner:
         )
 
     def _drift(self, pm: Any) -> dict[str, Any]:
-        from .drift import drift
+        from .divergence import drift
 
         return drift(None, pm, self.tokenizer, self.neutral, max_length=self.config.drift_max_length)
 
