@@ -229,6 +229,7 @@ def _auto_keep_ratio(
     )
     want = accuracies(full)
     checked: dict[str, bool] = {}
+    passing = full  # the patch at hi
     lo, hi = 0, len(AUTO_KEEP_RATIOS)  # invariant: every ratio below lo fails; the one at hi passes (hi = whole)
     while lo < hi:
         mid = (lo + hi) // 2
@@ -236,15 +237,12 @@ def _auto_keep_ratio(
         candidate = EditPatch.from_deltas(deltas, model, keep_ratio=ratio, editor_hparams=record, **common)
         checked[str(ratio)] = as_good(accuracies(candidate), want)
         if checked[str(ratio)]:
-            hi = mid
+            hi, passing = mid, candidate
         else:
             lo = mid + 1
     chosen = AUTO_KEEP_RATIOS[hi] if hi < len(AUTO_KEEP_RATIOS) else None
     auto = {"ratios": list(AUTO_KEEP_RATIOS), "checked": checked, "chosen": chosen, "whole_update": want}
     logger.info("keep_ratio='auto': chose %s after checking %s", chosen, checked)
-    final = dict(record, keep_ratio_auto=auto)
-    if chosen is None:
-        return EditPatch.from_deltas(
-            deltas, model, keep_ratio=None, editor_hparams=final, **{**common, "regularizer": None}
-        )
-    return EditPatch.from_deltas(deltas, model, keep_ratio=chosen, editor_hparams=final, **common)
+    # the search's own patch, with the search recorded (the content hash depends on the deltas only)
+    config = dataclasses.replace(passing.config, editor_hparams=dict(record, keep_ratio_auto=auto))
+    return EditPatch(passing.deltas, config)

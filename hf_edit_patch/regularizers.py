@@ -24,7 +24,7 @@ import torch
 from .config import REGULARIZERS
 from .errors import PatchError
 from .kernels.rect_select import rect_select
-from .kernels.rect_select_reference import top_k_positions
+from .kernels.rect_select_reference import rect_keys, top_k_positions
 from .sparse import SparseDelta
 
 
@@ -71,23 +71,16 @@ def _check_norm_budget(norm_budget: float) -> float:
     return float(norm_budget)
 
 
-def _relative_change(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """|ΔW / W| in float32; a nonzero ΔW over a zero weight is +inf, 0/0 is 0."""
-    d = delta.to(torch.float32).abs()
-    ratio = d / weight.to(torch.float32).abs()
-    return torch.nan_to_num(ratio, nan=0.0, posinf=math.inf)
-
-
 def norm_budget_count(delta: torch.Tensor, weight: torch.Tensor, norm_budget: float) -> int:
     """The fewest entries that, taken in RECT's order (|ΔW/W| descending, ties to the lower index), carry at least
     `norm_budget` of ΔW's squared Frobenius norm. At least 1."""
     budget = _check_norm_budget(norm_budget)
-    scores = _relative_change(delta, weight).reshape(-1)
+    keys = rect_keys(delta, weight)  # the order rect_select ranks by
     energy = delta.to(torch.float64).reshape(-1).square()
     total = float(energy.sum())
     if total == 0.0:
         return 1
-    order = torch.sort(scores, descending=True, stable=True).indices
+    order = torch.sort(keys, descending=True, stable=True).indices
     cumulative = torch.cumsum(energy[order], dim=0)
     # the first prefix reaching the budget; rounding may leave budget 1.0 a hair above the last cumulative value
     k = int(torch.searchsorted(cumulative, torch.tensor([budget * total], dtype=torch.float64)).item()) + 1

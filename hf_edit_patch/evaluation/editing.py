@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..editors.common import model_device, pad_batch, pad_id, target_token_ids
 from ..requests import EditRequest, as_requests
+from .divergence import _check_int
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +58,6 @@ class LocalityReference:
     """The base model's greedy continuations of the neighborhood prompts, keyed by prompt."""
 
     tokens: dict[str, tuple[int, ...]]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -175,20 +170,19 @@ def score_edits(
     pairs: list[tuple[list[int], list[int]]] = []
     slots: list[tuple[int, str, str]] = []  # (request, kind, target)
     for i, r in enumerate(reqs):
-        targets = ["new", "true"] if metric == "probability" else ["new"]
-        for kind, texts in (("reliability", [r.text]), ("generalization", r.paraphrases)):
+        targets = {"new": target_token_ids(tokenizer, r.target_new)}
+        groups = [("reliability", [r.text]), ("generalization", r.paraphrases)]
+        if metric == "probability":
+            targets["true"] = target_token_ids(tokenizer, r.target_true)
+            groups.append(("locality", r.neighborhood))
+        for kind, texts in groups:
             for text in texts:
-                for t in targets:
-                    target = r.target_new if t == "new" else r.target_true
-                    pairs.append((_prompt_ids(tokenizer, text), target_token_ids(tokenizer, target)))
+                ids = _prompt_ids(tokenizer, text)
+                for t, target_ids in targets.items():
+                    pairs.append((ids, target_ids))
                     slots.append((i, kind, t))
-        for text in r.neighborhood:
-            if metric == "probability":
-                for t in ("new", "true"):
-                    target = r.target_new if t == "new" else r.target_true
-                    pairs.append((_prompt_ids(tokenizer, text), target_token_ids(tokenizer, target)))
-                    slots.append((i, "locality", t))
-            elif reference is not None:
+        if metric == "accuracy" and reference is not None:
+            for text in r.neighborhood:
                 pairs.append((_prompt_ids(tokenizer, text), list(reference.tokens[text])))
                 slots.append((i, "locality", "ref"))
 
