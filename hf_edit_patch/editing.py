@@ -93,8 +93,40 @@ def edit(
     Returns:
         An `EditPatch` recording the method, its hyperparameters, the regularizer and the requests.
     """
-    if method not in METHODS:
-        raise PatchError(f"unknown editing method {method!r}; accepted: {METHODS}")
+    reg_kwargs = _regularizer_settings(keep_ratio, regularizer, norm_budget, regularizer_kwargs)
+    update = compute_update(
+        model,
+        tokenizer,
+        requests,
+        method=method,
+        hparams=hparams,
+        stats_dataset=stats_dataset,
+        stats_text_field=stats_text_field,
+        allow_model_sampled_stats=allow_model_sampled_stats,
+        stats_cache=stats_cache,
+        templates=templates,
+        show_progress=show_progress,
+    )
+    return _to_patch(model, tokenizer, update, keep_ratio, regularizer, reg_kwargs, value_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class EditUpdate:
+    """An editor's whole update before any regularizer: `{module: ΔW}`, the requests and the editor's record.
+
+    `compute_update` returns one and `regularize_update` turns it into a patch; `edit` is the two in a row. Keeping
+    the update lets several regularizers be compared on the same ΔW without running the editor again.
+    """
+
+    method: str
+    deltas: dict[str, torch.Tensor]
+    requests: list[Any]
+    record: dict[str, Any]
+
+
+def _regularizer_settings(
+    keep_ratio: Any, regularizer: str | None, norm_budget: float | None, regularizer_kwargs: dict[str, Any] | None
+) -> dict[str, Any]:
     if isinstance(keep_ratio, str) and keep_ratio != "auto":
         raise PatchError(f"keep_ratio must be a number in (0, 1], None or 'auto', got {keep_ratio!r}")
     reg_kwargs = dict(regularizer_kwargs or {})
@@ -106,6 +138,26 @@ def edit(
         reg_kwargs["norm_budget"] = norm_budget
     if keep_ratio == "auto" and regularizer is None:
         raise PatchError("keep_ratio='auto' needs a regularizer; accepted: 'rect', 'random', 'pca'")
+    return reg_kwargs
+
+
+def compute_update(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Any,
+    *,
+    method: str = "rome",
+    hparams: Any = None,
+    stats_dataset: str | os.PathLike | None = None,
+    stats_text_field: str = "text",
+    allow_model_sampled_stats: bool = False,
+    stats_cache: Any = None,
+    templates: Any = None,
+    show_progress: bool | None = None,
+) -> EditUpdate:
+    """Runs an editing method and returns its whole update, unregularized (arguments as in `edit`)."""
+    if method not in METHODS:
+        raise PatchError(f"unknown editing method {method!r}; accepted: {METHODS}")
     reqs = as_requests(requests)
     # a PEFT model is edited through its inner model, adapter layers in place: the edit sees the effective model
     # (LoRA active) and its ΔW targets the base weights under the adapters
@@ -176,16 +228,46 @@ def edit(
     record = {**hp.to_dict(), **extra}
     if stats_source is not None:
         record["stats_dataset"] = stats_source
+    return EditUpdate(method, deltas, reqs, record)
+
+
+def regularize_update(
+    model: nn.Module,
+    tokenizer: Any,
+    update: EditUpdate,
+    *,
+    keep_ratio: float | str | None = None,
+    regularizer: str | None = "rect",
+    norm_budget: float | None = None,
+    regularizer_kwargs: dict[str, Any] | None = None,
+    value_dtype: str | torch.dtype = "auto",
+) -> EditPatch:
+    """The patch of an `EditUpdate` under a regularizer (arguments as in `edit`; `model` is the one edited)."""
+    if not isinstance(update, EditUpdate):
+        raise TypeError(f"update must be an EditUpdate from compute_update, got {type(update).__name__}")
+    reg_kwargs = _regularizer_settings(keep_ratio, regularizer, norm_budget, regularizer_kwargs)
+    return _to_patch(model, tokenizer, update, keep_ratio, regularizer, reg_kwargs, value_dtype)
+
+
+def _to_patch(
+    model: nn.Module,
+    tokenizer: Any,
+    update: EditUpdate,
+    keep_ratio: Any,
+    regularizer: str | None,
+    reg_kwargs: dict[str, Any],
+    value_dtype: Any,
+) -> EditPatch:
     common: dict[str, Any] = {
         "regularizer": regularizer,
         "regularizer_kwargs": reg_kwargs or None,
         "value_dtype": value_dtype,
-        "editor": method,
-        "requests": reqs,
+        "editor": update.method,
+        "requests": update.requests,
     }
     if keep_ratio == "auto":
-        return _auto_keep_ratio(model, tokenizer, deltas, reqs, record, common)
-    return EditPatch.from_deltas(deltas, model, keep_ratio=keep_ratio, editor_hparams=record, **common)
+        return _auto_keep_ratio(model, tokenizer, update.deltas, update.requests, update.record, common)
+    return EditPatch.from_deltas(update.deltas, model, keep_ratio=keep_ratio, editor_hparams=update.record, **common)
 
 
 AUTO_KEEP_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)

@@ -268,3 +268,86 @@ def test_every_editor_is_a_method_of_the_runner(files):
         assert config(files, method=method).method == method
     with pytest.raises(ValueError, match="unknown method"):
         config(files, method="grace")
+
+
+def test_a_rerun_adds_probes_to_finished_checkpoints_without_editing_again(files, tok, tmp_path, monkeypatch):
+    seen = []
+
+    def fake_probes(self, model, only=None):
+        tasks = [t for t in self.config.probe_tasks if only is None or t in only]
+        if tasks:
+            seen.append((getattr(model, "active_patches", None), tuple(tasks)))
+        return {t: {"adherence": 0.5, "auc": 0.5, "label_mass": 0.1, "n": 3} for t in tasks}
+
+    monkeypatch.setattr(ex._Runner, "_probes", fake_probes)
+    model = llama4(tok)
+    before = snapshot(model)
+    out = tmp_path / "out"
+    first = ex.run_experiment(config(files, regularizers=["rect:0.4"]), out, model=model, tokenizer=tok, plots=False)
+    name = "ft-sequential-instance-rect0.4-seed0"
+    assert all(not p["probes"] for p in first["runs"][name]["checkpoints"].values()) and not seen
+    calls = []
+    real = editing.edit
+    monkeypatch.setattr(editing, "edit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = ex.run_experiment(
+        config(files, regularizers=["rect:0.4"], probe_tasks=["sentiment", "nli"]),
+        out,
+        model=model,
+        tokenizer=tok,
+        plots=False,
+    )
+    assert calls == []  # the saved patches are re-attached
+    assert_state_equal(model, before)
+    # base, then each checkpoint with exactly the edits made by then
+    assert [len(active or []) for active, _ in seen] == [0, 2, 4]
+    assert all(only == ("sentiment", "nli") for _, only in seen)
+    points = second["runs"][name]["checkpoints"]
+    for n in ("2", "4"):
+        assert set(points[n]["probes"]) == {"sentiment", "nli"}
+        for key in ("editing", "drift", "weights", "nnz", "edit_seconds"):
+            assert points[n][key] == first["runs"][name]["checkpoints"][n][key]
+    assert set(second["base"]["probes"]) == {"sentiment", "nli"}
+    assert "SST-2 format / AUC" in ex.summary_table(second)
+    # nothing left to add: a third run measures nothing
+    seen.clear()
+    ex.run_experiment(
+        config(files, regularizers=["rect:0.4"], probe_tasks=["nli"]), out, model=model, tokenizer=tok, plots=False
+    )
+    assert seen == []
+
+
+def test_single_runs_compute_each_update_once_for_every_regularizer(files, tok, tmp_path, monkeypatch):
+    calls = []
+    real = editing.compute_update
+    monkeypatch.setattr(editing, "compute_update", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    model = llama4(tok)
+    before = snapshot(model)
+    specs = ["none", "rect:0.4", "random:0.4", "norm:0.9"]
+    results = ex.run_experiment(
+        config(files, setting="single", unit="batch", checkpoints=[3], regularizers=specs),
+        tmp_path / "out",
+        model=model,
+        tokenizer=tok,
+        plots=False,
+    )
+    assert calls == [3]  # one update of the 3-request batch, sparsified four ways
+    assert_state_equal(model, before)
+    points = {r["regularizer"]: r["checkpoints"]["3"] for r in results["runs"].values()}
+    numel = model.get_submodule("model.layers.3.mlp.down_proj").weight.numel()
+    assert points["none"]["nnz"] == numel
+    assert points["rect:0.4"]["nnz"] == points["random:0.4"]["nnz"] == round(0.4 * numel)
+    assert points["norm:0.9"]["nnz"] < numel
+    # the same ΔW: RECT keeps the entries of largest relative change of the whole update, so it moves the
+    # weights further than random-k at the same budget
+    assert points["rect:0.4"]["weights"]["manhattan"] > points["random:0.4"]["weights"]["manhattan"]
+    # and equals a run of that regularizer alone
+    alone = ex.run_experiment(
+        config(files, setting="single", unit="batch", checkpoints=[3], regularizers=["rect:0.4"]),
+        tmp_path / "alone",
+        model=model,
+        tokenizer=tok,
+        plots=False,
+    )
+    point = alone["runs"]["ft-single-batch-rect0.4-seed0"]["checkpoints"]["3"]
+    for key in ("editing", "drift", "weights", "nnz"):
+        assert point[key] == points["rect:0.4"][key]

@@ -8,12 +8,18 @@ of edited requests) it records:
 - editing metrics on the requests edited so far (`score_edits`: reliability, generalization, locality),
 - next-token drift against the base model on neutral text (`drift`: KL, perplexity),
 - the paper's weight statistics (`weight_change_stats`) and a pooled |ΔW| map of the first edited matrix,
-- the eight general-ability tasks (`run_general_tasks`), when `tasks` is not empty.
+- the eight general-ability tasks (`run_general_tasks`), when `tasks` is not empty,
+- label probes on SST-2, RTE and BoolQ (`probes.label_probes`: answer-format adherence and label-likelihood AUC),
+  when `probe_tasks` is not empty.
 
 Results go to `<output_dir>/results.json`, rewritten atomically after every checkpoint. Sequential runs save each
 edit as a patch under `<output_dir>/patches/<run>/`; a rerun with the same configuration skips finished
-checkpoints and re-attaches the saved patches (stacking is exact) instead of recomputing them. Plots are written
-as PNG by `plot_results`.
+checkpoints and re-attaches the saved patches (stacking is exact) instead of recomputing them. The measurement
+settings (`MEASUREMENT_FIELDS`: tasks, probes, regularizers and checkpoints) may change between reruns: a finished
+checkpoint that lacks a measure now asked for gets it added (sequential runs re-attach their saved patches to do
+so; single runs edit again). Single runs compute each group's whole update once and apply every regularizer to
+it (`editing.compute_update` / `regularize_update`), so regularizers are compared on the same ΔW. Plots are
+written as PNG by `plot_results`.
 
 Usage:
     ```bash
@@ -48,6 +54,20 @@ REGULARIZERS = ("none", "rect", "random", "pca", "norm", "auto", "stack")
 RESULTS_FILE = "results.json"
 HEATMAP_SIZE = 64
 TASKS = ("reasoning", "nli", "open_qa", "closed_qa", "dialogue", "summarization", "ner", "sentiment")
+PROBE_TASKS = ("sentiment", "nli", "closed_qa")
+# config fields that only say what is measured: they may differ on a rerun (missing measures are then added)
+MEASUREMENT_FIELDS = (
+    "regularizers",
+    "checkpoints",
+    "tasks",
+    "task_limit",
+    "task_batch_size",
+    "task_data_dir",
+    "task_checkpoints",
+    "probe_tasks",
+    "probe_limit",
+    "probe_max_length",
+)
 
 
 def _parse_regularizer(spec: str) -> tuple[str, float | None]:
@@ -114,6 +134,9 @@ class ExperimentConfig:
     stats_dataset: str | None = None
     stats_text_field: str = "text"
     single_task_edits: int = 1
+    probe_tasks: list[str] = field(default_factory=list)
+    probe_limit: int = 32
+    probe_max_length: int = 160
 
     def __post_init__(self) -> None:
         from ..editing import METHODS
@@ -143,6 +166,13 @@ class ExperimentConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; accepted: {TASKS}")
+        unknown = [t for t in self.probe_tasks if t not in PROBE_TASKS]
+        if unknown:
+            raise ValueError(f"unknown probe tasks {unknown}; accepted: {PROBE_TASKS}")
+        if self.probe_limit < 1 or self.probe_max_length < 2:
+            raise ValueError(
+                f"probe_limit must be >= 1 and probe_max_length >= 2, got {self.probe_limit}, {self.probe_max_length}"
+            )
         if self.task_limit is not None and self.task_limit < 1:
             raise ValueError(f"task_limit must be >= 1 or None, got {self.task_limit}")
         if self.drift_n < 1 or self.single_task_edits < 1 or self.drift_max_length < 2:
@@ -250,7 +280,7 @@ class _Runner:
                 results = json.load(f)
             old = dict(results.get("config", {}))
             new = dict(config)
-            for key in ("regularizers", "checkpoints"):  # these may grow between runs
+            for key in MEASUREMENT_FIELDS:  # what is measured may change between runs
                 old.pop(key, None)
                 new.pop(key, None)
             if old != new:
@@ -278,6 +308,7 @@ class _Runner:
             self.model, self.tokenizer = load_default_model(c.model)
         self.model.eval()
         self.neutral = _neutral_texts(c)
+        self.updates: dict[tuple[int, ...], tuple[Any, float]] = {}  # single runs: whole updates, seconds
         self.edit_kwargs: dict[str, Any] = {
             "hparams": c.hparams or None,
             "stats_cache": StatsCache(),
@@ -288,20 +319,55 @@ class _Runner:
         else:
             self.edit_kwargs["allow_model_sampled_stats"] = True
 
-    def _tasks(self, model: Any) -> dict[str, float]:
-        if not self.config.tasks:
+    def _tasks(self, model: Any, only: Sequence[str] | None = None) -> dict[str, float]:
+        tasks = [t for t in self.config.tasks if only is None or t in only]
+        if not tasks:
             return {}
         from .tasks import run_general_tasks
 
         return run_general_tasks(
             model,
             self.tokenizer,
-            tasks=tuple(self.config.tasks),
+            tasks=tuple(tasks),
             limit=self.config.task_limit,
             data_dir=self.config.task_data_dir,
             batch_size=self.config.task_batch_size,
             show_progress=self.show,
         )
+
+    def _probes(self, model: Any, only: Sequence[str] | None = None) -> dict[str, Any]:
+        tasks = [t for t in self.config.probe_tasks if only is None or t in only]
+        if not tasks:
+            return {}
+        from .probes import label_probes
+
+        return label_probes(
+            model,
+            self.tokenizer,
+            tasks,
+            limit=self.config.probe_limit,
+            data_dir=self.config.task_data_dir,
+            batch_size=self.config.task_batch_size,
+            max_length=self.config.probe_max_length,
+        )
+
+    def _missing(self, point: dict[str, Any], tasks: bool = True) -> dict[str, list[str]]:
+        """The measures a finished point lacks: {"tasks": [...], "probes": [...]} (only non-empty entries)."""
+        have_tasks, have_probes = point.get("tasks") or {}, point.get("probes") or {}
+        missing = {
+            "tasks": [t for t in self.config.tasks if t not in have_tasks] if tasks else [],
+            "probes": [t for t in self.config.probe_tasks if t not in have_probes],
+        }
+        return {k: v for k, v in missing.items() if v}
+
+    def _complete(self, point: dict[str, Any], model: Any, missing: dict[str, list[str]]) -> None:
+        """Adds the missing measures to a finished point."""
+        t0 = time.perf_counter()
+        if missing.get("tasks"):
+            point["tasks"] = {**(point.get("tasks") or {}), **self._tasks(model, missing["tasks"])}
+        if missing.get("probes"):
+            point["probes"] = {**(point.get("probes") or {}), **self._probes(model, missing["probes"])}
+        point["measure_seconds"] = point.get("measure_seconds", 0.0) + time.perf_counter() - t0
 
     def _drift(self, pm: Any) -> dict[str, Any]:
         from .divergence import drift
@@ -313,13 +379,19 @@ class _Runner:
         from .editing import locality_reference, score_edits
 
         self.reference = locality_reference(self.model, self.tokenizer, self.requests)
-        if self.results.get("base") is not None:
+        base = self.results.get("base")
+        if base is not None:
+            missing = self._missing(base)
+            if missing:
+                self._complete(base, self.model, missing)
+                self._save()
             return
         t0 = time.perf_counter()
         pm = PatchedModel(self.model)
         base = {
             "drift": self._drift(pm),
             "tasks": self._tasks(self.model),
+            "probes": self._probes(self.model),
         }
         pm.unload()
         base["editing"] = score_edits(self.model, self.tokenizer, self.requests, reference=self.reference)
@@ -348,6 +420,7 @@ class _Runner:
             point["heatmap"] = {"module": first, "abs_delta": _pooled_abs(current.detach() - base_weights[first])}
             point["nnz"] = sum(p.nnz for p in pm.patches.values())
         point["tasks"] = self._tasks(pm) if tasks else {}
+        point["probes"] = self._probes(pm)
         point["edit_seconds"] = seconds
         point["measure_seconds"] = time.perf_counter() - t0
         return point
@@ -368,6 +441,31 @@ class _Runner:
             **self.edit_kwargs,
         )
 
+    def _edit_from_base(self, pm: Any, indices: Sequence[int], spec: str) -> tuple[Any, float]:
+        """Single editing: the patch of `spec` for the requests at `indices`, edited from the unedited model.
+
+        The whole update is computed once per group and kept, so every regularizer sparsifies the same ΔW. Returns
+        the patch and the seconds it took, counting the update's own time for each regularizer.
+        """
+        from ..editing import compute_update, regularize_update
+
+        key = tuple(indices)
+        if key not in self.updates:
+            t0 = time.perf_counter()
+            update = compute_update(
+                pm,
+                self.tokenizer,
+                [self.requests[i] for i in indices],
+                method=self.config.method,
+                show_progress=False,
+                **self.edit_kwargs,
+            )
+            self.updates[key] = (update, time.perf_counter() - t0)
+        update, seconds = self.updates[key]
+        t0 = time.perf_counter()
+        patch = regularize_update(pm, self.tokenizer, update, **_edit_settings(spec))
+        return patch, seconds + time.perf_counter() - t0
+
     def _weight_names(self, patch: Any) -> dict[str, Any]:
         params = dict(self.model.named_parameters(remove_duplicate=False))
         names = {f"{m}.weight" for m in patch.target_modules}
@@ -383,8 +481,14 @@ class _Runner:
         run = self.results["runs"].setdefault(run_name, {"regularizer": spec, "checkpoints": {}})
         step = c.batch_size if c.unit == "batch" else 1
         todo = [n for n in c.checkpoints if str(n) not in run["checkpoints"]]
-        if not todo:
+        fill = {}  # finished checkpoints that lack a measure asked for now
+        for key, point in run["checkpoints"].items():
+            missing = self._missing(point, tasks=self._tasks_at(int(key)))
+            if missing:
+                fill[int(key)] = missing
+        if not todo and not fill:
             return
+        last = max(todo + list(fill))
         patch_dir = self.out / "patches" / run_name
         name, value = _parse_regularizer(spec)
         stack_keep = value if name == "stack" else None
@@ -394,9 +498,9 @@ class _Runner:
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=max(todo), desc=run_name, unit="request", disable=(self.show is False) or None)
+            bar = tqdm(total=last, desc=run_name, unit="request", disable=(self.show is False) or None)
             done = 0
-            while done < max(todo):
+            while done < last:
                 group = self.requests[done : done + step]
                 folder = patch_dir / f"{done + len(group):05d}"
                 t0 = time.perf_counter()
@@ -422,6 +526,10 @@ class _Runner:
                     run["checkpoints"][str(done)] = point
                     self._save()
                     logger.info("%s @ %d: %s", run_name, done, _summary(point))
+                elif done in fill:
+                    self._complete(run["checkpoints"][str(done)], pm, fill[done])
+                    self._save()
+                    logger.info("%s @ %d: added %s", run_name, done, sorted(fill[done]))
             bar.close()
         finally:
             pm.unload()
@@ -433,19 +541,28 @@ class _Runner:
         run_name = c.run_name(spec)
         run = self.results["runs"].setdefault(run_name, {"regularizer": spec, "checkpoints": {}})
         for n in c.checkpoints:
-            if str(n) in run["checkpoints"]:
+            done = run["checkpoints"].get(str(n))
+            missing = self._missing(done, tasks=self._tasks_at(n)) if done is not None else None
+            if done is not None and not missing:
                 continue
             pm = PatchedModel(self.model)
             try:
-                groups = [self.requests[:n]] if c.unit == "batch" else [[r] for r in self.requests[:n]]
+                groups = [list(range(n))] if c.unit == "batch" else [[i] for i in range(n)]
+                if done is not None:  # only the first edit is measured in full; add what it lacks
+                    patch, _ = self._edit_from_base(pm, groups[0], spec)
+                    pm.add_patch(patch, "edit")
+                    self._complete(done, pm, missing)
+                    pm.remove_patch("edit")
+                    self._save()
+                    continue
                 points, edit_seconds = [], 0.0
-                for i, group in enumerate(groups):
-                    t0 = time.perf_counter()
-                    patch = self._edit(pm, group, spec)
-                    edit_seconds += time.perf_counter() - t0
+                for i, indices in enumerate(groups):
+                    group = [self.requests[j] for j in indices]
+                    patch, seconds = self._edit_from_base(pm, indices, spec)
+                    edit_seconds += seconds
+                    weights = self._weight_names(patch) if i < c.single_task_edits else {}  # before the edit
                     pm.add_patch(patch, "edit")
                     if i < c.single_task_edits:
-                        weights = self._weight_names(patch)
                         points.append(self._measure(pm, group, weights, edit_seconds, tasks=self._tasks_at(n)))
                     else:
                         from .editing import score_edits
@@ -523,19 +640,40 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+PROBE_NAMES = {"sentiment": "SST-2", "nli": "RTE", "closed_qa": "BoolQ"}
+
+
+def _points(results: dict[str, Any]) -> list[dict[str, Any]]:
+    base = [results["base"]] if results.get("base") else []
+    return base + [p for run in results["runs"].values() for p in run["checkpoints"].values()]
+
+
 def summary_table(results: dict[str, Any]) -> str:
     """A Markdown table of every run's checkpoints (and the base model): editing metrics, drift, weight change."""
+    probe_tasks = [t for t in PROBE_TASKS if any(t in (p.get("probes") or {}) for p in _points(results))]
+    probes_head = "".join(f" {PROBE_NAMES[t]} format / AUC |" for t in probe_tasks)
     head = (
-        "| run | edits | reliability | generalization | locality | KL | perplexity | stored entries "
-        "| δ > 0.077 | δ > 0.171 | Manhattan |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| run | edits | reliability | generalization | locality | KL | perplexity |"
+        + probes_head
+        + " stored entries | δ > 0.077 | δ > 0.171 | Manhattan |\n|---|---|---|---|---|---|---|"
+        + "---|" * (len(probe_tasks) + 4)
     )
+
+    def probes(point: dict[str, Any]) -> str:
+        found = point.get("probes") or {}
+        cells = [
+            f" {_fmt(found[t]['adherence'], '.2f')} / {_fmt(found[t]['auc'], '.2f')} |" if t in found else " – |"
+            for t in probe_tasks
+        ]
+        return "".join(cells)
+
     rows = [head]
     base = results.get("base")
     if base is not None:
         e, d = base["editing"], base["drift"]
         rows.append(
             f"| base | 0 | {_fmt(e['reliability'])} | {_fmt(e['generalization'])} | {_fmt(e['locality'])} | 0 "
-            f"| {_fmt(d['ppl_base'], '.2f')} | 0 | 0 | 0 | 0 |"
+            f"| {_fmt(d['ppl_base'], '.2f')} |{probes(base)} 0 | 0 | 0 | 0 |"
         )
     for run in results["runs"].values():
         for n, p in sorted(run["checkpoints"].items(), key=lambda kv: int(kv[0])):
@@ -543,8 +681,8 @@ def summary_table(results: dict[str, Any]) -> str:
             frac = w.get("frac_rel_change_gt", {})
             rows.append(
                 f"| {run['regularizer']} | {n} | {_fmt(e['reliability'])} | {_fmt(e['generalization'])} "
-                f"| {_fmt(e['locality'])} | {_fmt(d['kl'], '.4f')} | {_fmt(d['ppl_edited'], '.2f')} "
-                f"| {_fmt(p.get('nnz'), ',')} | {_fmt(frac.get('0.077'), '.1%')} | {_fmt(frac.get('0.171'), '.1%')} "
+                f"| {_fmt(e['locality'])} | {_fmt(d['kl'], '.4f')} | {_fmt(d['ppl_edited'], '.2f')} |{probes(p)}"
+                f" {_fmt(p.get('nnz'), ',')} | {_fmt(frac.get('0.077'), '.1%')} | {_fmt(frac.get('0.171'), '.1%')} "
                 f"| {_fmt(w.get('manhattan'), '.1f')} |"
             )
     return "\n".join(rows)
@@ -716,6 +854,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--stats-dataset", default=None, help="corpus for the key statistics (else model-sampled text)")
     p.add_argument("--stats-text-field", default="text")
     p.add_argument("--single-task-edits", type=int, default=1, help="single editing: edits measured in full")
+    p.add_argument(
+        "--probes",
+        nargs="*",
+        default=[],
+        choices=PROBE_TASKS,
+        help="label probes (answer-format adherence, label-likelihood AUC) on these tasks; data from --task-data-dir",
+    )
+    p.add_argument("--probe-limit", type=int, default=32, help="examples per probe task (default 32)")
+    p.add_argument("--probe-max-length", type=int, default=160, help="tokens per probe prompt (default 160)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -751,6 +898,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         stats_dataset=args.stats_dataset,
         stats_text_field=args.stats_text_field,
         single_task_edits=args.single_task_edits,
+        probe_tasks=list(args.probes),
+        probe_limit=args.probe_limit,
+        probe_max_length=args.probe_max_length,
     )
 
 
