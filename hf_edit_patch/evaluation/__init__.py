@@ -13,7 +13,8 @@ are imported on first use, so importing this package stays cheap.
 
 `run_general_tasks` scores a model (or a `PatchedModel`) zero-shot on the eight general-ability tasks of the RECT
 paper (reasoning, NLI, open- and closed-domain QA, dialogue, summarization, NER, sentiment) with the paper's prompts,
-from local files or the public datasets. It needs torch and is imported on first use too.
+from local files or the public datasets. It needs torch and is imported on first use too. `label_probes` reads
+the next token after the SST-2, RTE and BoolQ prompts: answer-format adherence and label-likelihood AUC.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ _LAZY = {
     "score_edits": "editing",
     "locality_reference": "editing",
     "run_general_tasks": "tasks",
+    "label_probes": "probes",
 }
 
 __all__ = [
     "drift",
     "evaluate_edits",
+    "label_probes",
     "locality_reference",
     "score_edits",
     "metrics",
@@ -45,6 +48,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .divergence import drift
     from .editing import evaluate_edits, locality_reference, score_edits
+    from .probes import label_probes
     from .tasks import run_general_tasks
     from .weights import weight_change_stats
 
