@@ -351,3 +351,31 @@ def test_single_runs_compute_each_update_once_for_every_regularizer(files, tok, 
     point = alone["runs"]["ft-single-batch-rect0.4-seed0"]["checkpoints"]["3"]
     for key in ("editing", "drift", "weights", "nnz"):
         assert point[key] == points["rect:0.4"][key]
+
+
+def test_runners_sharing_a_folder_keep_each_others_results(files, tok, tmp_path):
+    model = llama4(tok)
+    out = tmp_path / "out"
+    # two runners load the same (empty) folder, then each saves its own regularizer
+    first = ex._Runner(config(files, regularizers=["none"], checkpoints=[2]), out, False, model, tok)
+    second = ex._Runner(config(files, regularizers=["rect:0.4"], checkpoints=[2]), out, False, model, tok)
+    first.run()
+    second.run()  # its results were loaded before `first` saved
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(on_disk["runs"]) == {"ft-sequential-instance-none-seed0", "ft-sequential-instance-rect0.4-seed0"}
+    # measures added by one are kept when the other saves a point of its own
+    on_disk["runs"]["ft-sequential-instance-none-seed0"]["checkpoints"]["2"]["tasks"] = {"sentiment": 0.25}
+    (out / "results.json").write_text(json.dumps(on_disk))
+    second.results["runs"]["ft-sequential-instance-rect0.4-seed0"]["note"] = "x"
+    second._save()
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["runs"]["ft-sequential-instance-none-seed0"]["checkpoints"]["2"]["tasks"] == {"sentiment": 0.25}
+    assert merged["runs"]["ft-sequential-instance-rect0.4-seed0"]["note"] == "x"
+
+
+def test_add_missing_keeps_mine_and_adds_theirs_in_place():
+    mine = {"a": {"y": {"k": 2, "j": 0}}, "b": [2]}
+    inner = mine["a"]
+    ex._add_missing(mine, {"a": {"x": 1, "y": {"k": 1}}, "b": [1], "c": 3})
+    assert mine == {"a": {"x": 1, "y": {"k": 2, "j": 0}}, "b": [2], "c": 3}
+    assert mine["a"] is inner  # references held by a running runner stay valid

@@ -294,8 +294,24 @@ class _Runner:
         return {"config": config, "base": None, "runs": {}}
 
     def _save(self) -> None:
+        """Writes the results, merged into what is on disk: runners of other regularizers may share the folder.
+
+        Under an exclusive lock on `results.json.lock`, the file is read again and what only it holds (another
+        process's runs or measures) is added to this runner's results; where both hold a value, this runner's wins.
+        """
+        import fcntl
+
         self.out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(self.results_path, self.results)
+        with open(self.results_path.with_name(RESULTS_FILE + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.results_path.exists():
+                    with open(self.results_path, encoding="utf-8") as f:
+                        on_disk = json.load(f)
+                    _add_missing(self.results, on_disk)
+                _atomic_json(self.results_path, self.results)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ model and data
     def setup(self) -> None:
@@ -583,6 +599,15 @@ class _Runner:
             else:
                 self.run_single(spec)
         return self.results
+
+
+def _add_missing(mine: dict[str, Any], other: dict[str, Any]) -> None:
+    """Adds to `mine`, in place and recursively, what only `other` holds; where both hold a value, `mine` wins."""
+    for key, value in other.items():
+        if key not in mine:
+            mine[key] = value
+        elif isinstance(mine[key], dict) and isinstance(value, dict):
+            _add_missing(mine[key], value)
 
 
 def _average_points(points: list[dict[str, Any]]) -> dict[str, Any]:
