@@ -14,7 +14,7 @@ regularizers). This module reads many of them at once:
 - `plot_drift_vs_edits` and `plot_success_vs_budget` draw the metrics against the number of edits and against the
   keep ratio.
 
-It needs only the standard library; the plots need matplotlib (``pip install "hf_edit_patch[eval]"``).
+It needs only the standard library (no torch); the plots need matplotlib (``pip install "hf_edit_patch[eval]"``).
 
 Usage:
     ```python
@@ -39,6 +39,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .experiment import PROBE_NAMES, PROBE_TASKS, RESULTS_FILE
+
 __all__ = [
     "aggregate",
     "load_points",
@@ -50,9 +52,6 @@ __all__ = [
     "STUDY_METRICS",
 ]
 
-RESULTS_FILE = "results.json"  # as in `experiment.RESULTS_FILE`
-PROBE_TASKS = ("sentiment", "nli", "closed_qa")
-PROBE_NAMES = {"sentiment": "SST-2", "nli": "RTE", "closed_qa": "BoolQ"}
 # the order of regularizer families in tables and legends; "base" is the unedited model
 FAMILIES = ("base", "none", "rect", "random", "pca", "norm", "auto", "stack")
 GROUP_KEYS = ("method", "setting", "unit", "regularizer", "edits")
