@@ -9,6 +9,9 @@ unit, regularizer and number of edits, and writes to --output-dir:
   update at --edits edits, against the keep ratio,
 - `study.md`: the table of every checkpoint and the budget table at --edits, also printed.
 
+`--regularizers 'rect:*' auto` keeps only some regularizers (and always the base model and "none"); `--tag` is
+appended to the file names.
+
 When a method and setting were run with both units (instance and batch), the unit is added to the file names.
 
 Usage:
@@ -19,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 
@@ -37,12 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", help="experiment output folders (each with results.json)")
     parser.add_argument("--output-dir", required=True, help="where the PNGs and study.md go")
     parser.add_argument("--edits", type=int, default=50, help="checkpoint of the budget plot and table (default 50)")
+    parser.add_argument(
+        "--regularizers",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="only these regularizers, as shell patterns (e.g. 'rect:*' auto); the base model and 'none' are always "
+        "kept (default: all)",
+    )
+    parser.add_argument("--tag", default="", help="appended to the file names (e.g. to keep several selections)")
     args = parser.parse_args(argv)
     try:
-        agg = aggregate(load_points(args.folders))
+        rows = load_points(args.folders)
     except (FileNotFoundError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    if args.regularizers:
+        keep = ("base", "none", *args.regularizers)
+        rows = [r for r in rows if any(fnmatch.fnmatchcase(r["regularizer"], p) for p in keep)]
+    agg = aggregate(rows)
     if not agg:
         sys.stderr.write("error: the folders hold no measured point yet\n")
         return 2
@@ -54,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         units[(method, setting)] = units.get((method, setting), 0) + 1
     written, notes = [], []
     for method, setting, unit in combos:
-        name = f"{method}_{setting}" + (f"_{unit}" if units[(method, setting)] > 1 else "")
+        name = f"{method}_{setting}" + (f"_{unit}" if units[(method, setting)] > 1 else "") + args.tag
         pick = {"method": method, "setting": setting, "unit": unit}
         try:
             path = os.path.join(args.output_dir, f"drift_vs_edits_{name}.png")
@@ -71,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     text = "## Every checkpoint (mean ± std over seeds)\n\n" + study_table(agg) + "\n\n"
     text += f"## Budgets at {args.edits} edits (ratios to the whole update, per seed)\n\n"
     text += (study_table(budget, BUDGET_METRICS) if budget else f"No group reached {args.edits} edits.") + "\n"
-    with open(os.path.join(args.output_dir, "study.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(args.output_dir, f"study{args.tag}.md"), "w", encoding="utf-8") as f:
         f.write(text)
     sys.stdout.write(text + "\n")
     for note in notes:
         sys.stderr.write(f"note: {note}\n")
-    sys.stdout.write("\n".join([*written, os.path.join(args.output_dir, "study.md")]) + "\n")
+    sys.stdout.write("\n".join([*written, os.path.join(args.output_dir, f"study{args.tag}.md")]) + "\n")
     return 0
 
 

@@ -300,3 +300,18 @@ def test_command_line_missing_folder(tmp_path, capsys):
     assert load_script().main([str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_selects_regularizers_and_tags_the_files(folders, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "study"
+    argv = [*map(str, folders), "--output-dir", str(out), "--edits", "10", "--regularizers", "rect:*", "--tag=-r"]
+    assert load_script().main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "drift_vs_edits_rome_sequential-r.png",
+        "study-r.md",
+        "success_vs_budget_rome_sequential-r_10.png",
+    ]
+    md = (out / "study-r.md").read_text()
+    rows = [line.split(" | ")[3] for line in md.splitlines() if line.startswith("| rome |")]
+    assert set(rows) == {"base", "none", "rect:0.4", "rect:0.1"}  # random, norm and stack left out
