@@ -763,8 +763,9 @@ def _series(results: dict[str, Any], getter: Any) -> dict[str, tuple[list[int], 
 
 
 def plot_results(results: dict[str, Any], output_dir: str | os.PathLike) -> list[str]:
-    """Writes `scores.png` (editing metrics, drift and task scores vs number of edits, one line per regularizer)
-    and `heatmap.png` (pooled |ΔW| of the first edited matrix at the last checkpoint); returns their paths."""
+    """Writes `scores.png` (editing metrics, drift, label probes and task scores vs number of edits, one line per
+    regularizer) and `heatmap.png` (pooled |ΔW| of the first edited matrix at the last checkpoint); returns their
+    paths."""
     try:
         import matplotlib
 
@@ -783,6 +784,12 @@ def plot_results(results: dict[str, Any], output_dir: str | os.PathLike) -> list
         ("perplexity", lambda p: p["drift"]["ppl_edited"]),
         ("entries with |ΔW/W| > 0.077", lambda p: p["weights"]["frac_rel_change_gt"]["0.077"]),
     ]
+    probed = {t for p in _points(results) for t in (p.get("probes") or {})}
+    for t in (t for t in PROBE_TASKS if t in probed):
+        panels += [
+            (f"{PROBE_NAMES[t]} answer format", lambda p, t=t: p["probes"][t]["adherence"]),
+            (f"{PROBE_NAMES[t]} label AUC", lambda p, t=t: p["probes"][t]["auc"]),
+        ]
     tasks = sorted({t for run in results["runs"].values() for p in run["checkpoints"].values() for t in p["tasks"]})
     panels += [(f"task: {t}", lambda p, t=t: p["tasks"][t]) for t in tasks]
     cols = 4
