@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..editors.common import head_only_at, model_device, pad_batch, pad_id
-from .tasks import PROMPTS, _check_positive_int, _load, _Runner
+from .tasks import _GOLD_FIELDS, _LABEL_WORDS, _check_positive_int, _load, _Runner, classification_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +43,11 @@ __all__ = ["PROBE_TASKS", "label_probes", "label_token_ids", "roc_auc"]
 
 PROBE_TASKS = ("sentiment", "nli", "closed_qa")
 
-# The two answers of each task, positive first, and how `gold` maps onto them.
-_ANSWERS = {
-    "sentiment": (("positive", "negative"), lambda r: r["label"] == 1),
-    "nli": (("true", "false"), lambda r: r["label"] == "entailment"),
-    "closed_qa": (("yes", "no"), lambda r: bool(r["answer"])),
-}
 
-
-def _prompt(task: str, record: dict[str, Any]) -> str:
-    if task == "nli":
-        return PROMPTS["nli"].format(sentence1=record["sentence1"], sentence2=record["sentence2"].rstrip(".").rstrip())
-    if task == "closed_qa":
-        return PROMPTS["closed_qa"].format(passage=record["passage"], question=record["question"])
-    return PROMPTS["sentiment"].format(sentence=record["sentence"])
+def _answers(task: str) -> tuple[str, str, Any]:
+    """The task's positive and negative label words (as `run_general_tasks` reads them) and the positive gold."""
+    positive, negative = _LABEL_WORDS[task]
+    return positive, negative, _LABEL_WORDS[task][positive]
 
 
 def label_token_ids(tokenizer: Any, word: str) -> set[int]:
@@ -160,7 +151,7 @@ def label_probes(
     data = {task: _load(task, folder, limit) for task in names}
     label_ids = {}
     for task in names:
-        (pos_word, neg_word), _ = _ANSWERS[task]
+        pos_word, neg_word, _ = _answers(task)
         pos, neg = label_token_ids(tokenizer, pos_word), label_token_ids(tokenizer, neg_word)
         for word, found in ((pos_word, pos), (neg_word, neg)):
             if not found:
@@ -184,7 +175,8 @@ def label_probes(
             for task in names:
                 records = data[task]
                 runner.task = task
-                rows = runner.encode([_prompt(task, r) for r in records], max_length)
+                rows = runner.encode([classification_prompt(task, r) for r in records], max_length)
+                positive = _answers(task)[2]
                 pos_ids = torch.tensor(label_ids[task][0], device=device)
                 neg_ids = torch.tensor(label_ids[task][1], device=device)
                 both = torch.cat([pos_ids, neg_ids])
@@ -204,7 +196,7 @@ def label_probes(
                     mass = logp[:, both].exp().sum(dim=-1)
                     for r, i in enumerate(chunk):
                         out[i] = {
-                            "gold": bool(_ANSWERS[task][1](records[i])),
+                            "gold": records[i][_GOLD_FIELDS[task]] == positive,
                             "logp_pos": float(lp_pos[r]),
                             "logp_neg": float(lp_neg[r]),
                             "greedy_is_label": bool(torch.isin(greedy[r], both)),

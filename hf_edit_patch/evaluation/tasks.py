@@ -621,21 +621,25 @@ def _run_reasoning(records: list[dict[str, Any]], runner: _Runner, new: int, _sc
     return sum(d["correct"] for d in details) / len(details), details
 
 
-def _run_nli(records: list[dict[str, Any]], runner: _Runner, new: int, _scorer: Any) -> tuple[float, Details]:
-    prompts = [
-        PROMPTS["nli"].format(sentence1=r["sentence1"], sentence2=r["sentence2"].rstrip(".").rstrip()) for r in records
-    ]
-    return _classification("nli", prompts, [r["label"] for r in records], runner, new)
+# the field holding each classification task's gold label
+_GOLD_FIELDS = {"nli": "label", "closed_qa": "answer", "sentiment": "label"}
 
 
-def _run_closed_qa(records: list[dict[str, Any]], runner: _Runner, new: int, _scorer: Any) -> tuple[float, Details]:
-    prompts = [PROMPTS["closed_qa"].format(passage=r["passage"], question=r["question"]) for r in records]
-    return _classification("closed_qa", prompts, [r["answer"] for r in records], runner, new)
+def classification_prompt(task: str, record: Mapping[str, Any]) -> str:
+    """The paper's prompt for one record of a classification task ("nli", "closed_qa" or "sentiment")."""
+    if task == "nli":
+        return PROMPTS["nli"].format(sentence1=record["sentence1"], sentence2=record["sentence2"].rstrip(".").rstrip())
+    if task == "closed_qa":
+        return PROMPTS["closed_qa"].format(passage=record["passage"], question=record["question"])
+    return PROMPTS["sentiment"].format(sentence=record["sentence"])
 
 
-def _run_sentiment(records: list[dict[str, Any]], runner: _Runner, new: int, _scorer: Any) -> tuple[float, Details]:
-    prompts = [PROMPTS["sentiment"].format(sentence=r["sentence"]) for r in records]
-    return _classification("sentiment", prompts, [r["label"] for r in records], runner, new)
+def _run_classification(task: str) -> Callable[[list[dict[str, Any]], _Runner, int, Any], tuple[float, Details]]:
+    def run(records: list[dict[str, Any]], runner: _Runner, new: int, _scorer: Any) -> tuple[float, Details]:
+        prompts = [classification_prompt(task, r) for r in records]
+        return _classification(task, prompts, [r[_GOLD_FIELDS[task]] for r in records], runner, new)
+
+    return run
 
 
 def _run_open_qa(records: list[dict[str, Any]], runner: _Runner, new: int, _scorer: Any) -> tuple[float, Details]:
@@ -716,13 +720,13 @@ def _run_ner(records: list[dict[str, Any]], runner: _Runner, new: int, _scorer: 
 
 _RUNNERS: dict[str, Callable[[list[dict[str, Any]], _Runner, int, Any], tuple[float, Details]]] = {
     "reasoning": _run_reasoning,
-    "nli": _run_nli,
+    "nli": _run_classification("nli"),
     "open_qa": _run_open_qa,
-    "closed_qa": _run_closed_qa,
+    "closed_qa": _run_classification("closed_qa"),
     "dialogue": _run_dialogue,
     "summarization": _run_summarization,
     "ner": _run_ner,
-    "sentiment": _run_sentiment,
+    "sentiment": _run_classification("sentiment"),
 }
 _CALLS_PER_EXAMPLE = {"reasoning": 2, "ner": len(ENTITY_TYPES), "dialogue": 4}
 
