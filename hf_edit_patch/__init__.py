@@ -21,20 +21,20 @@ from typing import TYPE_CHECKING, Any
 from .version import __version__
 
 _EXPORTS = {
-    "PatchConfig": "config",
+    "PatchConfig": "patch.config",
     "EditRequest": "requests",
-    "edit": "editing",
-    "ModuleRecord": "config",
-    "SparseDelta": "sparse",
-    "EditPatch": "patch",
+    "edit": "editing.update",
+    "ModuleRecord": "patch.config",
+    "SparseDelta": "patch.sparse",
+    "EditPatch": "patch.edit_patch",
     "PatchedModel": "patched_model",
-    "rect_sparsify": "regularizers",
-    "random_sparsify": "regularizers",
-    "pca_sparsify": "regularizers",
-    "sparsify": "regularizers",
-    "fingerprint": "storage",
-    "load_default_model": "models",
-    "DEFAULT_MODEL_ID": "models",
+    "rect_sparsify": "regularizers.matrix",
+    "random_sparsify": "regularizers.matrix",
+    "pca_sparsify": "regularizers.matrix",
+    "sparsify": "regularizers.matrix",
+    "fingerprint": "patch.encoding",
+    "load_default_model": "hub.default_model",
+    "DEFAULT_MODEL_ID": "hub.default_model",
     "PatchError": "errors",
     "PatchFormatError": "errors",
     "PatchValidationError": "errors",
@@ -66,8 +66,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .config import ModuleRecord, PatchConfig
-    from .editing import edit
+    from .editing.update import edit
     from .errors import (
         FingerprintMismatchError,
         PatchError,
@@ -75,13 +74,14 @@ if TYPE_CHECKING:
         PatchNotFoundError,
         PatchValidationError,
     )
-    from .models import DEFAULT_MODEL_ID, load_default_model
-    from .patch import EditPatch
+    from .hub.default_model import DEFAULT_MODEL_ID, load_default_model
+    from .patch.config import ModuleRecord, PatchConfig
+    from .patch.edit_patch import EditPatch
+    from .patch.encoding import fingerprint
+    from .patch.sparse import SparseDelta
     from .patched_model import PatchedModel
-    from .regularizers import pca_sparsify, random_sparsify, rect_sparsify, sparsify
+    from .regularizers.matrix import pca_sparsify, random_sparsify, rect_sparsify, sparsify
     from .requests import EditRequest
-    from .sparse import SparseDelta
-    from .storage import fingerprint
 
 
 _SUBPACKAGES = ("editors", "evaluation")  # imported on first access: `hep.evaluation.metrics`

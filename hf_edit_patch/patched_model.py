@@ -38,15 +38,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME, STACK_NAME
-from .editing import edit as run_edit
+from .editing.update import edit as run_edit
 from .errors import FingerprintMismatchError, PatchError, PatchFormatError, PatchNotFoundError, PatchValidationError
-from .fileio import atomic_write
-from .hub import push_folder, resolve_file
+from .hub.files import atomic_write
+from .hub.resolve import push_folder, resolve_file
 from .kernels.sparse_add import restore_, sparse_add_
 from .modules import merged_adapters, resolve_weight, unwrap_peft
-from .patch import EditPatch
-from .storage import dtype_name, fingerprint
+from .patch.config import CONFIG_NAME, STACK_NAME
+from .patch.edit_patch import EditPatch
+from .patch.encoding import dtype_name, fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -158,7 +158,7 @@ def sync(args) -> None:
 
 def instrument(args) -> dict[str, float]:
     """Wraps the stages of an edit (statistics, contexts, keys, value optimization, solve) with timers."""
-    import hf_edit_patch.editing as editing
+    import hf_edit_patch.editing.update as editing
     from hf_edit_patch.editors import memit, rome
 
     spent: dict[str, float] = {}

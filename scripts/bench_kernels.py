@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from hf_edit_patch.kernels import rect_select_reference as ref
-from hf_edit_patch.regularizers import keep_count, rect_sparsify
+from hf_edit_patch.regularizers.matrix import keep_count, rect_sparsify
 
 
 def _sync(device: str) -> None:

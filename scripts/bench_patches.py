@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 import hf_edit_patch as hep
-from hf_edit_patch import storage
-from hf_edit_patch.config import ENCODINGS, WEIGHTS_NAME
+from hf_edit_patch.patch import encoding as storage
+from hf_edit_patch.patch.config import ENCODINGS, WEIGHTS_NAME
 
 SMOLLM2_SHAPE = (576, 1536)  # nn.Linear layout [out, in]
 SMOLLM2_LAYERS = 30

@@ -35,12 +35,12 @@ from hf_edit_patch import (
     PatchNotFoundError,
     PatchValidationError,
     SparseDelta,
-    fileio,
     rect_sparsify,
 )
-from hf_edit_patch import patch as patch_module
-from hf_edit_patch.config import CONFIG_NAME, STACK_NAME, WEIGHTS_NAME
-from hf_edit_patch.hub import file_sha256
+from hf_edit_patch.hub import files as fileio
+from hf_edit_patch.hub.resolve import file_sha256
+from hf_edit_patch.patch import edit_patch as patch_module
+from hf_edit_patch.patch.config import CONFIG_NAME, STACK_NAME, WEIGHTS_NAME
 
 DOWN0 = "model.layers.0.mlp.down_proj"  # nn.Linear [32, 48]
 DOWN1 = "model.layers.1.mlp.down_proj"

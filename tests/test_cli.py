@@ -14,8 +14,8 @@ from test_editors import llama4, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import hf_edit_patch as hep
-from hf_edit_patch import hub
 from hf_edit_patch.cli import main
+from hf_edit_patch.hub import resolve as hub
 
 EIFFEL = [
     "--prompt", "{} is located in the city of", "--subject", "the eiffel tower", "--target-new", "rome",
@@ -275,12 +275,12 @@ def test_demo_runs_on_a_tiny_model(work, tmp_path, monkeypatch, capsys):
 
 
 def test_runtime_failures_exit_1_and_verbose_shows_the_traceback(work, monkeypatch, capsys):
-    import hf_edit_patch.editing
+    import hf_edit_patch.editing.update
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(hf_edit_patch.editing, "edit", broken)
+    monkeypatch.setattr(hf_edit_patch.editing.update, "edit", broken)
     argv = ["edit", "--model", work.model, *EIFFEL, "-o", str(work.root / "never")]
     assert main(argv) == 1
     assert capsys.readouterr().err.strip().endswith("error: RuntimeError: out of memory")

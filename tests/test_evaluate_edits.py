@@ -223,7 +223,7 @@ def test_evaluate_edits_on_a_patched_model_keeps_its_patches(tok):
 
 
 def test_a_failing_edit_leaves_the_model_as_it_was(tok, monkeypatch):
-    import hf_edit_patch.editing as editing
+    import hf_edit_patch.editing.update as editing
 
     model = llama4(tok, seed=0)
     before = snapshot(model)

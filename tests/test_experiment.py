@@ -9,7 +9,7 @@ import pytest
 from conftest import assert_state_equal, snapshot
 from test_editors import llama4, tiny_tokenizer
 
-import hf_edit_patch.editing as editing
+import hf_edit_patch.editing.update as editing
 from hf_edit_patch.evaluation import experiment as ex
 
 SUBJECTS = ["the eiffel tower", "the louvre", "big ben", "the colosseum", "tokyo", "berlin"]
@@ -262,7 +262,7 @@ def test_budget_variants_run_and_the_stack_stays_bounded(files, tok, tmp_path):
 
 
 def test_every_editor_is_a_method_of_the_runner(files):
-    from hf_edit_patch.editing import METHODS
+    from hf_edit_patch.editing.update import METHODS
 
     for method in METHODS:
         assert config(files, method=method).method == method

@@ -10,7 +10,7 @@ from conftest import LLAMA_TARGETS, assert_state_equal, snapshot
 from helpers import random_patch
 
 import hf_edit_patch as hep
-from hf_edit_patch import hub
+from hf_edit_patch.hub import resolve as hub
 
 
 @pytest.fixture

@@ -27,8 +27,8 @@ from conftest import LLAMA_TARGETS, assert_state_equal, make_llama, snapshot
 from helpers import random_patch
 
 import hf_edit_patch as hep
-from hf_edit_patch import hub
 from hf_edit_patch.editors.stats import StatsCache, get_second_moments, load_stats_from_hub, push_stats_to_hub
+from hf_edit_patch.hub import resolve as hub
 
 pytest.importorskip("olah", reason="the local Hub server needs the `olah` package (pip install olah)")
 if shutil.which("git") is None:
@@ -161,7 +161,7 @@ def online(hub_server, monkeypatch, tmp_path):
 
 
 def _api_factory(server):
-    """`HfApi(...)` as hf_edit_patch.hub calls it: downloads and metadata from the real client, uploads via git."""
+    """`HfApi(...)` as hf_edit_patch.hub.resolve calls it: downloads and metadata from the client, uploads via git."""
     from huggingface_hub import HfApi
 
     class Api(HfApi):

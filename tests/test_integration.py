@@ -8,7 +8,8 @@ from conftest import assert_state_equal, snapshot
 from helpers import expected_weights
 
 import hf_edit_patch as hep
-from hf_edit_patch import demo, models
+from hf_edit_patch.cli import demo
+from hf_edit_patch.hub import default_model as models
 
 pytestmark = [
     pytest.mark.slow,

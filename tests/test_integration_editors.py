@@ -9,9 +9,9 @@ import pytest
 from conftest import assert_state_equal, snapshot
 
 import hf_edit_patch as hep
-from hf_edit_patch import models
 from hf_edit_patch.editors.common import target_logprob
 from hf_edit_patch.editors.stats import StatsCache
+from hf_edit_patch.hub import default_model as models
 
 pytestmark = [
     pytest.mark.slow,

@@ -340,7 +340,7 @@ def test_rect_select_reference_path(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_agrees_with_rect_sparsify(dtype):
     """The regularizer keeps the same entries, less the zero-valued ones."""
-    from hf_edit_patch.regularizers import keep_count, rect_sparsify
+    from hf_edit_patch.regularizers.matrix import keep_count, rect_sparsify
 
     delta, weight = mixed_inputs((33, 65), dtype, seed=8)
     for ratio in (0.05, 0.4):

@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hf_edit_patch as hep
-from hf_edit_patch import hub, models
+from hf_edit_patch.hub import default_model as models
+from hf_edit_patch.hub import resolve as hub
 from hf_edit_patch.modules import base_layer
-from hf_edit_patch.sparse import SparseDelta
+from hf_edit_patch.patch.sparse import SparseDelta
 
 pytest.importorskip("peft", reason="PEFT interop needs peft: pip install 'hf-edit-patch[peft]'")
 from peft import LoraConfig, PeftModel, ShiraConfig, get_peft_model  # noqa: E402

@@ -20,7 +20,6 @@ import torch  # noqa: E402
 from conftest import make_gpt2, make_llama  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from hf_edit_patch import hub, models  # noqa: E402
 from hf_edit_patch.editors import stats  # noqa: E402
 from hf_edit_patch.editors.stats import (  # noqa: E402
     StatsCache,
@@ -36,6 +35,8 @@ from hf_edit_patch.editors.stats import (  # noqa: E402
     model_sampled_texts,
     push_stats_to_hub,
 )
+from hf_edit_patch.hub import default_model as models
+from hf_edit_patch.hub import resolve as hub
 
 BOOLQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks" / "boolq_dev.jsonl"
 LLAMA_MODULES = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]

@@ -9,7 +9,7 @@ from helpers import random_patch
 from safetensors.torch import load_file
 
 import hf_edit_patch as hep
-from hf_edit_patch import storage
+from hf_edit_patch.patch import encoding as storage
 
 
 def _delta(shape, flat, dtype=torch.float16, seed=0):

@@ -48,7 +48,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..demo import main
+    from .demo import main
 
     demo_args = args.demo_args[1:] if args.demo_args[:1] == ["--"] else args.demo_args
     return main(demo_args)

@@ -45,7 +45,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, required: bool = False) -
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model and tokenizer named by `--model` (the default model without it); an unknown model is exit 2."""
-    from ..models import load_default_model
+    from ..hub.default_model import load_default_model
 
     try:
         return load_default_model(args.model, dtype=args.dtype, revision=args.model_revision)

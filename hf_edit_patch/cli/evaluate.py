@@ -72,8 +72,8 @@ def _row(name: str, base: Any, patched: Any) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..patch import EditPatch
-    from ..report import evaluate_patch, write_evaluation
+    from ..evaluation.report import evaluate_patch, write_evaluation
+    from ..patch.edit_patch import EditPatch
 
     tasks = _tasks(args.tasks)
     for name in ("task_limit", "batch_size", "task_batch_size", "locality_tokens"):

@@ -118,7 +118,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- edit
 def run_edit(args: argparse.Namespace) -> int:
-    from ..editing import edit
+    from ..editing.update import edit
     from ..editors.stats import StatsCache
 
     requests = read_requests(args, required=True)
@@ -158,9 +158,9 @@ def _patch_name(source: str, taken: list[str], index: int) -> str:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from ..demo import continuation
     from ..modules import SOURCE_ATTRIBUTE
     from ..patched_model import PatchedModel
+    from .demo import continuation
 
     if not args.output_dir and not args.prompt:
         raise CLIError("nothing to do: give --output-dir (save the merged model) and/or --prompt (generate)")
@@ -198,7 +198,7 @@ def run_apply(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------------- inspect
 def _describe(patch: Any, source: str, subfolder: str | None) -> dict[str, Any]:
-    from ..storage import encoded_nbytes
+    from ..patch.encoding import encoded_nbytes
 
     cfg = patch.config
     modules = []
@@ -235,7 +235,7 @@ def _describe(patch: Any, source: str, subfolder: str | None) -> dict[str, Any]:
 def _check(patch: Any, model: Any) -> list[dict[str, Any]]:
     from ..errors import PatchError
     from ..modules import resolve_weight
-    from ..storage import fingerprint
+    from ..patch.encoding import fingerprint
 
     out = []
     for name, rec in patch.config.modules.items():
@@ -288,10 +288,10 @@ def _print_patch(info: dict[str, Any]) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from ..config import CONFIG_NAME, STACK_NAME
     from ..errors import PatchNotFoundError
-    from ..hub import resolve_file
-    from ..patch import EditPatch
+    from ..hub.resolve import resolve_file
+    from ..patch.config import CONFIG_NAME, STACK_NAME
+    from ..patch.edit_patch import EditPatch
 
     kwargs = hub_kwargs(args)
     sub = kwargs.pop("subfolder")

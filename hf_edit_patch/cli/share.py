@@ -91,7 +91,7 @@ def _commit_url(info: Any) -> str:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from ..sharing import push_patch_folder, stage_patch_folder
+    from ..hub.sharing import push_patch_folder, stage_patch_folder
 
     if not os.path.isdir(args.folder):
         raise CLIError(f"{args.folder!r} is not a folder; give the folder a patch was saved to")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_path
+from ..hub.files import atomic_path
 from ..modules import weight_layout
 from ..requests import EditRequest
 from .architectures import ArchSpec, mlp_out_name

@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batching import head_only_at, model_device, pad_batch, pad_id, target_token_ids
 from ..requests import EditRequest
 from .hparams import ValueOptHParams
 from .tracing import Trace
@@ -25,42 +25,6 @@ _CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "
 
 
 Edits = dict  # module name -> fn(output, inputs) -> new output: edits in progress, applied through hooks
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    lengths: list[int]
-
-
-def pad_batch(rows: list[list[int]], pad_id: int, device: torch.device) -> Batch:
-    """Right-padded batch of token id lists (positions stay those of the unpadded rows)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return Batch(ids.to(device), mask.to(device), [len(r) for r in rows])
-
-
-def pad_id(tokenizer) -> int:
-    """The tokenizer's pad token id, else its EOS id, else 0 (padded positions are masked out anyway)."""
-    for attribute in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attribute, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def model_device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
 
 
 def context_templates(model: nn.Module, tokenizer, n: int, length: int, seed: int) -> list[str]:
@@ -169,14 +133,6 @@ def compose(first, second):
     return lambda output, inputs: second(first(output, inputs), inputs)
 
 
-def target_token_ids(tokenizer, target: str) -> list[int]:
-    target = target if target.startswith(" ") else " " + target
-    ids = tokenizer(target, add_special_tokens=False).input_ids
-    if not ids:
-        raise ValueError(f"the target {target!r} tokenizes to nothing")
-    return ids
-
-
 def target_logprob(model: nn.Module, tokenizer, text: str, target: str) -> float:
     """Mean log-probability of `target`'s tokens (with a leading space) following `text`, teacher-forced."""
     ids = tokenizer(text).input_ids
@@ -185,27 +141,6 @@ def target_logprob(model: nn.Module, tokenizer, text: str, target: str) -> float
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=x).logits[0, len(ids) - 1 :].float(), dim=-1)
     return float(logp[torch.arange(len(target_ids)), torch.tensor(target_ids, device=logp.device)].mean())
-
-
-@contextlib.contextmanager
-def head_only_at(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
-    """Makes the output head see only the hidden states at `(rows[i], cols[i])`: logits come back `[1, P, vocab]`.
-
-    The loss of a value optimization reads a few dozen positions; the full `[batch, seq, vocab]` logits (and their
-    log-softmax and gradient) would dominate its time and memory on models with large vocabularies.
-    """
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None)")
-
-    def pick(_module, args):
-        return (args[0][rows, cols].unsqueeze(0), *args[1:])
-
-    handle = head.register_forward_pre_hook(pick)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager

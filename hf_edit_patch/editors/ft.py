@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batching import model_device, pad_batch, pad_id, target_token_ids
 from ..requests import EditRequest
 from .architectures import ArchSpec, default_rome_layer, mlp_out_name
-from .common import applying, frozen_weights, model_device, pad_batch, pad_id, target_token_ids
+from .common import applying, frozen_weights
 from .hparams import FTHParams
 
 logger = logging.getLogger(__name__)

@@ -31,10 +31,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batching import head_only_at, model_device, target_token_ids
 from ..modules import weight_layout
 from ..requests import EditRequest
 from .architectures import ArchSpec, mlp_out_name, num_layers
-from .common import btd, frozen_weights, head_only_at, model_device, target_token_ids
+from .common import btd, frozen_weights
 from .hparams import KNHParams
 from .tracing import TraceDict
 

@@ -50,14 +50,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import hub
+from ..batching import model_device, pad_batch, pad_id, target_token_ids
 from ..errors import PatchError, PatchFormatError
-from ..fileio import atomic_write
+from ..hub import resolve as hub
+from ..hub.files import atomic_write
 from ..modules import model_source, unwrap_peft, weight_layout
 from ..requests import EditRequest
 from ..version import __version__
 from .architectures import ArchSpec, get_arch, mlp_out_name, num_layers
-from .common import btd, frozen_weights, model_device, pad_batch, pad_id, target_token_ids
+from .common import btd, frozen_weights
 from .hparams import MendHParams
 
 logger = logging.getLogger(__name__)

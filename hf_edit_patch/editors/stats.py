@@ -41,13 +41,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import hub
+from ..batching import model_device as _model_device
+from ..batching import pad_id as _pad_id
 from ..errors import PatchError
-from ..fileio import atomic_path, atomic_write
+from ..hub import resolve as hub
+from ..hub.files import atomic_path, atomic_write
 from ..modules import model_source, resolve_weight
 from ..version import __version__
-from .common import model_device as _model_device
-from .common import pad_id as _pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,8 @@ class StatsCache:
 
     Args:
         cache_dir (`str` or `os.PathLike`, *optional*):
-            The folder. Defaults to `stats/` in the hf_edit_patch cache ([`hf_edit_patch.models.default_cache_dir`]:
+            The folder. Defaults to `stats/` in the hf_edit_patch cache
+            ([`hf_edit_patch.hub.default_model.default_cache_dir`]:
             `$HF_EDIT_PATCH_CACHE`, else `$XDG_CACHE_HOME/hf_edit_patch`, else `~/.cache/hf_edit_patch`).
 
     Example:
@@ -278,7 +279,7 @@ class StatsCache:
 
     def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
         if cache_dir is None:
-            from ..models import default_cache_dir
+            from ..hub.default_model import default_cache_dir
 
             cache_dir = default_cache_dir() / "stats"
         self.cache_dir = Path(cache_dir).expanduser()

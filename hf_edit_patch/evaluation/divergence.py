@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..editors.common import model_device, pad_batch, pad_id
+from ..batching import model_device, pad_batch, pad_id
 
 logger = logging.getLogger(__name__)
 

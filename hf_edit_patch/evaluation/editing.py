@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..editors.common import model_device, pad_batch, pad_id, target_token_ids
+from ..batching import model_device, pad_batch, pad_id, target_token_ids
 from ..requests import EditRequest, as_requests
 from .divergence import _check_int
 
@@ -256,7 +256,7 @@ def evaluate_edits(
         `{"reliability", "generalization", "locality"}` as fractions in [0, 1] (None where no request has the
         prompts a metric needs).
     """
-    from ..editing import edit as run_edit
+    from ..editing.update import edit as run_edit
     from ..patched_model import PatchedModel
 
     reqs = as_requests(requests)

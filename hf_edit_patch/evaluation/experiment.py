@@ -139,7 +139,7 @@ class ExperimentConfig:
     probe_max_length: int = 160
 
     def __post_init__(self) -> None:
-        from ..editing import METHODS
+        from ..editing.update import METHODS
 
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; accepted: {METHODS}")
@@ -242,7 +242,7 @@ def _neutral_texts(config: ExperimentConfig) -> list[str]:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    from ..fileio import atomic_write
+    from ..hub.files import atomic_write
 
     atomic_write(str(path), json.dumps(data, indent=1, sort_keys=False, default=_json_default) + "\n")
 
@@ -316,7 +316,7 @@ class _Runner:
     # ------------------------------------------------------------------ model and data
     def setup(self) -> None:
         from ..editors.stats import StatsCache
-        from ..models import load_default_model
+        from ..hub.default_model import load_default_model
 
         c = self.config
         self.requests = load_zsre(c.data, max(c.checkpoints), seed=c.seed)
@@ -445,7 +445,7 @@ class _Runner:
         return self.config.task_checkpoints is None or n in self.config.task_checkpoints
 
     def _edit(self, pm: Any, requests: Sequence[Any], spec: str) -> Any:
-        from ..editing import edit
+        from ..editing.update import edit
 
         return edit(
             pm,
@@ -463,7 +463,7 @@ class _Runner:
         The whole update is computed once per group and kept, so every regularizer sparsifies the same ΔW. Returns
         the patch and the seconds it took, counting the update's own time for each regularizer.
         """
-        from ..editing import compute_update, regularize_update
+        from ..editing.update import compute_update, regularize_update
 
         key = tuple(indices)
         if key not in self.updates:
@@ -489,7 +489,7 @@ class _Runner:
 
     # ------------------------------------------------------------------ runs
     def run_sequential(self, spec: str) -> None:
-        from ..patch import EditPatch
+        from ..patch.edit_patch import EditPatch
         from ..patched_model import PatchedModel
 
         c = self.config

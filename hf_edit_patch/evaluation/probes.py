@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..editors.common import head_only_at, model_device, pad_batch, pad_id
+from ..batching import head_only_at, model_device, pad_batch, pad_id
 from .tasks import _GOLD_FIELDS, _LABEL_WORDS, _check_positive_int, _load, _Runner, classification_prompt
 
 logger = logging.getLogger(__name__)

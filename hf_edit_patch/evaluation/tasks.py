@@ -79,7 +79,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..editors.common import head_only_at, model_device, pad_batch, pad_id, target_token_ids
+from ..batching import head_only_at, model_device, pad_batch, pad_id, target_token_ids
 from .metrics import entity_f1, gsm8k_solved, make_rouge_scorer, normalize_answer, rouge_avg
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 `EditPatch.push_to_hub` uploads a patch in memory; `push_patch_folder` uploads what `save_pretrained` (or
 `PatchedModel.save_pretrained`) wrote, after loading and validating it, together with the evaluation written by
-`hf_edit_patch.report.write_evaluation`:
+`hf_edit_patch.evaluation.report.write_evaluation`:
 
 ```
 README.md                  the patch card, with the evaluation as a section and as model-index metadata
@@ -15,7 +15,7 @@ evaluation/README.md       its card
 
 Example:
     ```python
-    from hf_edit_patch.sharing import push_patch_folder
+    from hf_edit_patch.hub.sharing import push_patch_folder
 
     push_patch_folder("out/eiffel", "user/eiffel-rome-rect")   # evaluation found in out/eiffel/evaluation/
     ```
@@ -31,13 +31,13 @@ from typing import Any
 
 from huggingface_hub import ModelCard
 
+from ..errors import PatchError, PatchFormatError, PatchNotFoundError
+from ..evaluation.report import CARD_FILE, EVAL_FILE, load_evaluation
+from ..patch.config import CONFIG_NAME, STACK_NAME
+from ..patch.edit_patch import EditPatch
+from ..patched_model import _check_patch_name
 from .cards import evaluation_card, patch_card
-from .config import CONFIG_NAME, STACK_NAME
-from .errors import PatchError, PatchFormatError, PatchNotFoundError
-from .hub import card_is_generated_and_unedited, card_with_marker, push_folder
-from .patch import EditPatch
-from .patched_model import _check_patch_name
-from .report import CARD_FILE, EVAL_FILE, load_evaluation
+from .resolve import card_is_generated_and_unedited, card_with_marker, push_folder
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ def push_patch_folder(
     Args:
         folder: a folder written by `EditPatch.save_pretrained` or `PatchedModel.save_pretrained`.
         repo_id: `"namespace/name"`.
-        evaluation: a folder (or `eval.json`) written by `hf_edit_patch.report.write_evaluation`; defaults to
+        evaluation: a folder (or `eval.json`) written by `hf_edit_patch.evaluation.report.write_evaluation`;
+            defaults to
             `<folder>/evaluation` when it exists.
         private, revision, create_pr, commit_message, token: as in `EditPatch.push_to_hub`.
         license: a Hub license id for the card.

@@ -4,12 +4,12 @@
 exactly as it began): editing metrics on the patch's own requests (`score_edits`: reliability, generalization,
 locality) and, when `tasks` are named, the general-ability tasks (`run_general_tasks`). `write_evaluation` writes
 the results as `eval.json`, `scores.png` (with matplotlib) and a `README.md` evaluation card whose `model-index`
-holds every score before and after; `hf_edit_patch.sharing.push_patch_folder` uploads them with the patch.
+holds every score before and after; `hf_edit_patch.hub.sharing.push_patch_folder` uploads them with the patch.
 
 Example:
     ```python
     import hf_edit_patch as hep
-    from hf_edit_patch.report import evaluate_patch, write_evaluation
+    from hf_edit_patch.evaluation.report import evaluate_patch, write_evaluation
 
     model, tokenizer = hep.load_default_model()
     patch = hep.EditPatch.from_pretrained("out/eiffel")
@@ -30,17 +30,17 @@ from typing import Any
 
 from torch import nn
 
-from .cards import EDITING_METRICS, TASK_CARDS, evaluation_card
-from .errors import PatchFormatError
-from .evaluation.editing import locality_reference, score_edits
-from .evaluation.tasks import run_general_tasks
-from .fileio import atomic_write
-from .hub import write_card
-from .modules import model_source
-from .patch import EditPatch
-from .patched_model import PatchedModel
-from .requests import EditRequest, as_requests
-from .version import __version__
+from ..errors import PatchFormatError
+from ..hub.cards import EDITING_METRICS, TASK_CARDS, evaluation_card
+from ..hub.files import atomic_write
+from ..hub.resolve import write_card
+from ..modules import model_source
+from ..patch.edit_patch import EditPatch
+from ..patched_model import PatchedModel
+from ..requests import EditRequest, as_requests
+from ..version import __version__
+from .editing import locality_reference, score_edits
+from .tasks import run_general_tasks
 
 logger = logging.getLogger(__name__)
 

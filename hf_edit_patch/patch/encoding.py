@@ -23,8 +23,8 @@ import hashlib
 import numpy as np
 import torch
 
+from ..errors import PatchFormatError
 from .config import ENCODINGS, ModuleRecord
-from .errors import PatchFormatError
 from .sparse import SparseDelta
 
 _INT32_MAX = 2**31 - 1

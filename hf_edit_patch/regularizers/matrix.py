@@ -21,11 +21,11 @@ import math
 
 import torch
 
-from .config import REGULARIZERS
-from .errors import PatchError
-from .kernels.rect_select import rect_select
-from .kernels.rect_select_reference import rect_keys, top_k_positions
-from .sparse import SparseDelta
+from ..errors import PatchError
+from ..kernels.rect_select import rect_select
+from ..kernels.rect_select_reference import rect_keys, top_k_positions
+from ..patch.config import REGULARIZERS
+from ..patch.sparse import SparseDelta
 
 
 def _check_keep_ratio(keep_ratio: float) -> float:

@@ -1,4 +1,4 @@
-"""The demo: a real ROME edit on the default model, as a patch, end to end (`python -m hf_edit_patch.demo`).
+"""The demo: a real ROME edit on the default model, as a patch, end to end (`python -m hf_edit_patch.cli.demo`).
 
 "The Eiffel Tower is located in the city of" → Rome with ROME and RECT at 40%: continuations before and after (the
 prompt, a paraphrase, an unrelated fact), the patch's size against the model's, save → reload with
@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from .editing import edit
-from .models import load_default_model
-from .modules import model_source
-from .patched_model import PatchedModel
-from .requests import EditRequest
-from .storage import raw_bytes
+from ..editing.update import edit
+from ..hub.default_model import load_default_model
+from ..modules import model_source
+from ..patch.encoding import raw_bytes
+from ..patched_model import PatchedModel
+from ..requests import EditRequest
 
 EIFFEL = EditRequest(
     prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"

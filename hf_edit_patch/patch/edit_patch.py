@@ -28,14 +28,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import shira, storage
-from .cards import patch_card
+from ..errors import PatchError, PatchFormatError
+from ..hub.cards import patch_card
+from ..hub.files import atomic_write, atomic_write_files
+from ..hub.resolve import file_sha256, push_folder, resolve_file, write_card
+from ..interop import peft as shira
+from ..modules import model_source, resolve_weight, unwrap_peft
+from ..regularizers.matrix import sparsify
+from . import encoding as storage
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModuleRecord, PatchConfig
-from .errors import PatchError, PatchFormatError
-from .fileio import atomic_write, atomic_write_files
-from .hub import file_sha256, push_folder, resolve_file, write_card
-from .modules import model_source, resolve_weight, unwrap_peft
-from .regularizers import sparsify
 from .sparse import SparseDelta
 
 logger = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ class EditPatch:
 
         With `format="peft"`, writes a PEFT SHiRA adapter instead (see `to_peft`, which takes `peft_kwargs`).
         An existing README.md that a person edited is kept unless `overwrite_card=True`; the card
-        (`hf_edit_patch.cards.patch_card`) records `license` (a Hub license id) and shows `card_repo_id` in its
+        (`hf_edit_patch.hub.cards.patch_card`) records `license` (a Hub license id) and shows `card_repo_id` in its
         usage snippet. Returns the folder path.
         """
         if format not in SAVE_FORMATS:

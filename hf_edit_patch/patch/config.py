@@ -22,8 +22,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PatchFormatError
-from .version import __version__
+from ..errors import PatchFormatError
+from ..version import __version__
 
 FORMAT_VERSION = 1
 PATCH_TYPE = "EDIT_PATCH"

@@ -1,10 +1,10 @@
 """Model cards: the README.md of a patch and the card of its evaluation, rendered from the Jinja templates in
-`model_cards/` through huggingface_hub's `ModelCard` / `ModelCardData` (evaluation results become `model-index`).
+`templates/` through huggingface_hub's `ModelCard` / `ModelCardData` (evaluation results become `model-index`).
 
 Example:
     ```python
     from huggingface_hub import ModelCard
-    from hf_edit_patch.cards import patch_card
+    from hf_edit_patch.hub.cards import patch_card
 
     card = patch_card(patch, repo_id="user/eiffel", license="apache-2.0")   # a huggingface_hub ModelCard
     card.data.tags                      # ['hf-edit-patch', 'model-editing', 'knowledge-editing', 'rect', 'rome']
@@ -25,10 +25,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .version import __version__
+from ..version import __version__
 
 if TYPE_CHECKING:
-    from .patch import EditPatch
+    from ..patch.edit_patch import EditPatch
 
 __all__ = ["LIBRARY_NAME", "evaluation_card", "evaluation_results", "patch_card", "patch_tags"]
 
@@ -56,7 +56,7 @@ TASK_CARDS: dict[str, tuple[str, str, str, str | None, str, str, str]] = {
 
 
 def _template(name: str) -> str:
-    return resources.files("hf_edit_patch.model_cards").joinpath(name).read_text(encoding="utf-8")
+    return resources.files("hf_edit_patch.hub").joinpath("templates", name).read_text(encoding="utf-8")
 
 
 def _cell(value: Any) -> str:
@@ -153,7 +153,8 @@ def patch_card(
         patch: the patch.
         repo_id: the Hub repo (or folder) the card will live in, for the usage snippet.
         license: a Hub license id; defaults to the base model's where known (SmolLM2: apache-2.0), else omitted.
-        evaluation: results written by `hf_edit_patch.report.evaluate_patch` (`eval.json`), shown as a section and
+        evaluation: results written by `hf_edit_patch.evaluation.report.evaluate_patch` (`eval.json`), shown as a
+            section and
             as `model-index`.
         evaluation_images: where the evaluation's plots are, relative to the card.
 
@@ -313,8 +314,8 @@ def evaluation_card(
     plots: Sequence[tuple[str, str]] | None = None,
     license: str | None = None,
 ) -> ModelCard:
-    """The card of an evaluation (`eval.json` of `hf_edit_patch.report`): editing metrics and general-task scores
-    before and after the patch, as tables, plots and `model-index` eval results.
+    """The card of an evaluation (`eval.json` of `hf_edit_patch.evaluation.report`): editing metrics and general-task
+    scores before and after the patch, as tables, plots and `model-index` eval results.
 
     Args:
         results: the evaluation results.

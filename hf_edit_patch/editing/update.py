@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .editors import alphaedit, ft, kn, memit, mend, rome
-from .editors.architectures import default_rome_layer, get_arch, mlp_width
-from .editors.hparams import AlphaEditHParams, FTHParams, KNHParams, MemitHParams, MendHParams, RomeHParams
-from .editors.stats import get_second_moments
-from .errors import PatchError
-from .modules import unwrap_peft
-from .patch import EditPatch
-from .requests import as_requests
+from ..editors import alphaedit, ft, kn, memit, mend, rome
+from ..editors.architectures import default_rome_layer, get_arch, mlp_width
+from ..editors.hparams import AlphaEditHParams, FTHParams, KNHParams, MemitHParams, MendHParams, RomeHParams
+from ..editors.stats import get_second_moments
+from ..errors import PatchError
+from ..modules import unwrap_peft
+from ..patch.edit_patch import EditPatch
+from ..requests import as_requests
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +281,8 @@ def _auto_keep_ratio(
     Binary search over the ratios (more entries never make an edit much worse); each probe attaches the candidate
     to the model, scores the requests' prompts and paraphrases, and takes it off again.
     """
-    from .evaluation.editing import score_edits
-    from .patched_model import PatchedModel
+    from ..evaluation.editing import score_edits
+    from ..patched_model import PatchedModel
 
     def accuracies(patch: EditPatch) -> list[tuple[float | None, float | None]]:
         pm = model if getattr(model, "is_patched_model", False) else PatchedModel(model)

@@ -39,13 +39,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import storage
-from .config import ModuleRecord, PatchConfig
-from .errors import PatchError, PatchFormatError, PatchNotFoundError
-from .fileio import atomic_write_files
-from .hub import resolve_file
-from .modules import model_source, resolve_weight, unwrap_peft
-from .sparse import SparseDelta
+from ..errors import PatchError, PatchFormatError, PatchNotFoundError
+from ..hub.files import atomic_write_files
+from ..hub.resolve import resolve_file
+from ..modules import model_source, resolve_weight, unwrap_peft
+from ..patch import encoding as storage
+from ..patch.config import ModuleRecord, PatchConfig
+from ..patch.sparse import SparseDelta
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"

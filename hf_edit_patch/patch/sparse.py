@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import PatchFormatError
+from ..errors import PatchFormatError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

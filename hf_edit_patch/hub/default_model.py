@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .modules import SOURCE_ATTRIBUTE, _commit_from_path, model_source
+from ..modules import SOURCE_ATTRIBUTE, _commit_from_path, model_source
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def default_cache_dir() -> Path:
     Example:
 
     ```python
-    >>> from hf_edit_patch.models import default_cache_dir
+    >>> from hf_edit_patch.hub.default_model import default_cache_dir
     >>> default_cache_dir()  # doctest: +SKIP
     PosixPath('/home/me/.cache/hf_edit_patch')
     ```
@@ -110,7 +110,7 @@ def hub_is_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
     Example:
 
     ```python
-    >>> from hf_edit_patch.models import hub_is_reachable
+    >>> from hf_edit_patch.hub.default_model import hub_is_reachable
     >>> hub_is_reachable()  # doctest: +SKIP
     False
     ```
@@ -196,7 +196,7 @@ def load_default_model(
     Example:
 
     ```python
-    >>> from hf_edit_patch.models import load_default_model
+    >>> from hf_edit_patch.hub.default_model import load_default_model
     >>> model, tokenizer = load_default_model()  # doctest: +SKIP
     >>> inputs = tokenizer("The Eiffel Tower is located in the city of", return_tensors="pt")  # doctest: +SKIP
     >>> out = model.generate(**inputs, max_new_tokens=4, do_sample=False)  # doctest: +SKIP

@@ -20,7 +20,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import PatchNotFoundError
+from ..errors import PatchNotFoundError
 
 logger = logging.getLogger(__name__)
 
