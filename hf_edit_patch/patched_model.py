@@ -25,6 +25,7 @@ returns the `PeftModel` exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -41,12 +42,18 @@ from torch import nn
 from .editing.update import edit as run_edit
 from .errors import FingerprintMismatchError, PatchError, PatchFormatError, PatchNotFoundError, PatchValidationError
 from .hub.files import atomic_write
-from .hub.resolve import push_folder, resolve_file
+from .hub.push import PushOptions, push_folder
+from .hub.resolve import resolve_file
 from .kernels.sparse_add import restore_, sparse_add_
 from .modules import merged_adapters, resolve_weight, unwrap_peft
 from .patch.config import CONFIG_NAME, STACK_NAME
 from .patch.edit_patch import EditPatch
 from .patch.encoding import dtype_name, fingerprint
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .hub.push import PushKwargs
 
 logger = logging.getLogger(__name__)
 
@@ -481,13 +488,7 @@ class PatchedModel(nn.Module):
     def push_to_hub(
         self,
         repo_id: str,
-        *,
-        private: bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        commit_message: str | None = None,
-        token: str | bool | None = None,
-        license: str | None = None,
+        **options: Unpack[PushKwargs],
     ) -> Any:
         """Uploads the whole stack (one subfolder per patch, and `patch_stack.json`) in one commit.
 
@@ -499,12 +500,7 @@ class PatchedModel(nn.Module):
             >>> pm.push_to_hub("user/all-edits", revision="v2", create_pr=True)
             ```
         """
-        return push_folder(
-            lambda folder: self.save_pretrained(folder, license=license),
-            repo_id,
-            private=private,
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or f"Upload edit patches {self.active_patches}",
-            token=token,
-        )
+        push = PushOptions.from_kwargs(options)
+        message = push.commit_message or f"Upload edit patches {self.active_patches}"
+        push = dataclasses.replace(push, commit_message=message)
+        return push_folder(lambda folder: self.save_pretrained(folder, license=push.license), repo_id, push)

@@ -38,7 +38,7 @@ from hf_edit_patch import (
     rect_sparsify,
 )
 from hf_edit_patch.hub import files as fileio
-from hf_edit_patch.hub.resolve import file_sha256
+from hf_edit_patch.hub.files import file_sha256
 from hf_edit_patch.patch import edit_patch as patch_module
 from hf_edit_patch.patch.config import CONFIG_NAME, STACK_NAME, WEIGHTS_NAME
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_edit_patch as hep
 from hf_edit_patch.cli import main
+from hf_edit_patch.hub import push as hub_push
 from hf_edit_patch.hub import resolve as hub
 
 EIFFEL = [
@@ -204,6 +205,7 @@ class FakeApi:
 def fake_api(monkeypatch):
     FakeApi.calls, FakeApi.files = [], {}
     monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hub_push, "HfApi", FakeApi)
 
     def no_file(repo_id, filename, **kwargs):
         raise hub.EntryNotFoundError(f"{filename} not found")

@@ -10,6 +10,7 @@ from conftest import LLAMA_TARGETS, assert_state_equal, snapshot
 from helpers import random_patch
 
 import hf_edit_patch as hep
+from hf_edit_patch.hub import push as hub_push
 from hf_edit_patch.hub import resolve as hub
 
 
@@ -109,7 +110,7 @@ class FakeApi:
 
 def test_push_creates_repo_and_uploads_one_commit(llama, monkeypatch):
     api = FakeApi()
-    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    monkeypatch.setattr(hub_push, "HfApi", lambda token=None: api)
     patch = random_patch(llama, LLAMA_TARGETS)
     out = patch.push_to_hub("user/p", private=True, revision="dev", commit_message="add edit", token="tok")
     assert out == "commit-info"
@@ -120,7 +121,7 @@ def test_push_creates_repo_and_uploads_one_commit(llama, monkeypatch):
     assert api.uploaded == {"README.md", "patch_config.json", "patch_model.safetensors"}
 
     api2 = FakeApi()
-    monkeypatch.setattr(hub, "HfApi", lambda token=None: api2)
+    monkeypatch.setattr(hub_push, "HfApi", lambda token=None: api2)
     pm = hep.PatchedModel.from_pretrained(llama, patch)
     pm.push_to_hub("user/stack", create_pr=True)
     assert [c[0] for c in api2.calls] == ["create_repo", "upload_folder"]

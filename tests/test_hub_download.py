@@ -28,6 +28,7 @@ from helpers import random_patch
 
 import hf_edit_patch as hep
 from hf_edit_patch.editors.stats import StatsCache, get_second_moments, load_stats_from_hub, push_stats_to_hub
+from hf_edit_patch.hub import push as hub_push
 from hf_edit_patch.hub import resolve as hub
 
 pytest.importorskip("olah", reason="the local Hub server needs the `olah` package (pip install olah)")
@@ -157,6 +158,7 @@ def online(hub_server, monkeypatch, tmp_path):
     )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "HfApi", _api_factory(hub_server))
+    monkeypatch.setattr(hub_push, "HfApi", _api_factory(hub_server))
     return tmp_path / "hf-cache"
 
 
@@ -207,8 +209,10 @@ def test_revision_and_subfolder_select_what_is_downloaded(online, hub_server, ll
     second = random_patch(llama, LLAMA_TARGETS[:1], seed=2)
     api = hub.HfApi()
     api.create_repo("user/versions", exist_ok=True)
-    hub.push_folder(lambda d: first.save_pretrained(os.path.join(d, "sub")), "user/versions")
-    hub.push_folder(lambda d: second.save_pretrained(os.path.join(d, "sub")), "user/versions", revision="v2")
+    hub_push.push_folder(lambda d: first.save_pretrained(os.path.join(d, "sub")), "user/versions")
+    hub_push.push_folder(
+        lambda d: second.save_pretrained(os.path.join(d, "sub")), "user/versions", hub_push.PushOptions(revision="v2")
+    )
     main = hep.EditPatch.from_pretrained("user/versions", subfolder="sub", cache_dir=online)
     v2 = hep.EditPatch.from_pretrained("user/versions", subfolder="sub", revision="v2", cache_dir=online)
     assert main.config.content_hash == first.config.content_hash

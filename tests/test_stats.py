@@ -36,6 +36,7 @@ from hf_edit_patch.editors.stats import (  # noqa: E402
     push_stats_to_hub,
 )
 from hf_edit_patch.hub import default_model as models
+from hf_edit_patch.hub import push as hub_push
 from hf_edit_patch.hub import resolve as hub
 
 BOOLQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks" / "boolq_dev.jsonl"
@@ -550,7 +551,7 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             raise hub.EntryNotFoundError(f"{filename} not found")
         return str(path)
 
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hub_push, "HfApi", FakeApi)
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
     return root, calls
 

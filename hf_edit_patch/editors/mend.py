@@ -53,7 +53,9 @@ from tqdm.auto import tqdm
 from ..batching import model_device, pad_batch, pad_id, target_token_ids
 from ..errors import PatchError, PatchFormatError
 from ..hub import resolve as hub
+from ..hub.cards import write_card
 from ..hub.files import atomic_write
+from ..hub.push import PushOptions, push_folder
 from ..modules import model_source, unwrap_peft, weight_layout
 from ..requests import EditRequest
 from ..version import __version__
@@ -307,9 +309,7 @@ class MendEditor(nn.Module):
 
         atomic_write(os.path.join(directory, WEIGHTS_NAME), write_weights)
         atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(self.config.to_dict(), indent=2) + "\n")
-        hub.write_card(
-            os.path.join(directory, "README.md"), self._card(), overwrite=overwrite_card, write=atomic_write
-        )
+        write_card(os.path.join(directory, "README.md"), self._card(), overwrite=overwrite_card, write=atomic_write)
         if self.name_or_path is None:
             self.name_or_path = directory
 
@@ -379,14 +379,9 @@ class MendEditor(nn.Module):
         commit_message: str | None = None,
     ) -> Any:
         """Creates the Hub repo if needed and uploads the saved editor in one commit; returns the commit info."""
-        return hub.push_folder(
-            lambda folder: self.save_pretrained(folder),
-            repo_id,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message or "Upload MEND editor with hf_edit_patch",
-        )
+        message = commit_message or "Upload MEND editor with hf_edit_patch"
+        options = PushOptions(private=private, token=token, revision=revision, commit_message=message)
+        return push_folder(lambda folder: self.save_pretrained(folder), repo_id, options)
 
 
 # --------------------------------------------------------------------------------------------------------------------

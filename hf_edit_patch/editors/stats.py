@@ -45,7 +45,8 @@ from ..batching import model_device as _model_device
 from ..batching import pad_id as _pad_id
 from ..errors import PatchError
 from ..hub import resolve as hub
-from ..hub.files import atomic_path, atomic_write
+from ..hub.files import atomic_path, atomic_write, file_sha256
+from ..hub.push import PushOptions, push_folder
 from ..modules import model_source, resolve_weight
 from ..version import __version__
 
@@ -545,7 +546,7 @@ class TextSource:
         """
         if self.is_local:
             self._check_file()
-            return f"file:{os.path.basename(self.dataset)}@{hub.file_sha256(self.dataset)}"
+            return f"file:{os.path.basename(self.dataset)}@{file_sha256(self.dataset)}"
         config = f":{self.config}" if self.config else ""
         return f"hf-dataset:{self.dataset}{config}@{self.split}"
 
@@ -1413,7 +1414,7 @@ def push_stats_to_hub(
                 "filename": filename,
                 "key": entry.key.to_dict(),
                 "count": entry.count,
-                "sha256": hub.file_sha256(path),
+                "sha256": file_sha256(path),
             }
         index = {
             "format": STATS_FORMAT,
@@ -1423,13 +1424,8 @@ def push_stats_to_hub(
         atomic_write(os.path.join(folder, INDEX_FILENAME), json.dumps(index, indent=2) + "\n")
         atomic_write(os.path.join(folder, "README.md"), _stats_card(index["entries"]))
 
-    return hub.push_folder(
-        save,
-        repo_id,
-        private=private,
-        token=token,
-        commit_message=commit_message or f"Upload key statistics of {len(selected)} module(s) with hf_edit_patch",
-    )
+    message = commit_message or f"Upload key statistics of {len(selected)} module(s) with hf_edit_patch"
+    return push_folder(save, repo_id, PushOptions(private=private, token=token, commit_message=message))
 
 
 def _existing_index_entries(repo_id: str, token: str | bool | None) -> list[dict[str, Any]]:
@@ -1529,7 +1525,7 @@ def load_stats_from_hub(
     for item in tqdm(_parse_index(index_path), desc="Loading key statistics", unit="file"):
         key = StatsKey.from_dict(item["key"])
         path = hub.resolve_file(repo_id, item["filename"], **options)
-        if hub.file_sha256(path) != item["sha256"]:
+        if file_sha256(path) != item["sha256"]:
             raise StatsFormatError(f"{item['filename']} of {repo_id!r} does not match the sha256 in its index")
         matrix, _, count = _read_stats_file(Path(path), expected_key=key)
         if count != item["count"]:

@@ -31,9 +31,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import PatchFormatError
-from ..hub.cards import EDITING_METRICS, TASK_CARDS, evaluation_card
+from ..hub.cards import EDITING_METRICS, TASK_CARDS, evaluation_card, write_card
 from ..hub.files import atomic_write
-from ..hub.resolve import write_card
 from ..modules import model_source
 from ..patch.edit_patch import EditPatch
 from ..patched_model import PatchedModel

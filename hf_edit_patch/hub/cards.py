@@ -14,10 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,8 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..version import __version__
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..patch.edit_patch import EditPatch
@@ -411,3 +415,38 @@ def _reg(info: Mapping[str, Any]) -> str:
     if not info.get("regularizer"):
         return "no regularizer"
     return f"{info['regularizer']} keeping {info.get('keep_ratio')}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cards a person edited are kept
+# --------------------------------------------------------------------------------------------------------------------
+
+CARD_MARKER = "<!-- hf_edit_patch card sha256:"
+
+
+def card_with_marker(body: str) -> str:
+    """Appends a marker holding the card's hash, so a later save can tell whether a person edited it."""
+    return f"{body.rstrip()}\n\n{CARD_MARKER}{hashlib.sha256(body.rstrip().encode()).hexdigest()} -->\n"
+
+
+def card_is_generated_and_unedited(text: str) -> bool:
+    body, sep, tail = text.rpartition(CARD_MARKER)
+    if not sep:
+        return False
+    return tail.strip().removesuffix("-->").strip() == hashlib.sha256(body.rstrip().encode()).hexdigest()
+
+
+def write_card(path: str, body: str, *, overwrite: bool, write: Callable[[str, str], None]) -> bool:
+    """Writes README.md unless a person edited the existing one (then it is kept unless `overwrite`)."""
+    if os.path.exists(path) and not overwrite:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            existing = f.read()
+        if not card_is_generated_and_unedited(existing):
+            logger.warning(
+                "Keeping the existing %s (it was edited or not written by hf_edit_patch); pass "
+                "overwrite_card=True to replace it.",
+                path,
+            )
+            return False
+    write(path, card_with_marker(body))
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -65,3 +66,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[str], No
         else:
             with open(tmp, "wb") as f:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()

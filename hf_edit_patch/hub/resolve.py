@@ -1,14 +1,11 @@
-"""Local-or-Hub resolution of patch files, and pushing a saved folder to the Hub in one commit."""
+"""Local-or-Hub resolution of files: a folder is tried first, then the Hub (or its cache), with errors naming the
+repo and the file that was expected."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
@@ -23,8 +20,6 @@ from huggingface_hub.errors import (
 from ..errors import PatchNotFoundError
 
 logger = logging.getLogger(__name__)
-
-CARD_MARKER = "<!-- hf_edit_patch card sha256:"
 
 
 def resolve_file(
@@ -158,70 +153,3 @@ def _known_missing_offline(
     ref = repo_dir / "refs" / (revision or constants.DEFAULT_REVISION)
     commit = ref.read_text().strip() if ref.is_file() else (revision or "")
     return bool(commit) and (repo_dir / "snapshots" / commit).is_dir()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def card_with_marker(body: str) -> str:
-    """Appends a marker holding the card's hash, so a later save can tell whether a person edited it."""
-    return f"{body.rstrip()}\n\n{CARD_MARKER}{hashlib.sha256(body.rstrip().encode()).hexdigest()} -->\n"
-
-
-def card_is_generated_and_unedited(text: str) -> bool:
-    body, sep, tail = text.rpartition(CARD_MARKER)
-    if not sep:
-        return False
-    return tail.strip().removesuffix("-->").strip() == hashlib.sha256(body.rstrip().encode()).hexdigest()
-
-
-def write_card(path: str, body: str, *, overwrite: bool, write: Callable[[str, str], None]) -> bool:
-    """Writes README.md unless a person edited the existing one (then it is kept unless `overwrite`)."""
-    if os.path.exists(path) and not overwrite:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            existing = f.read()
-        if not card_is_generated_and_unedited(existing):
-            logger.warning(
-                "Keeping the existing %s (it was edited or not written by hf_edit_patch); pass "
-                "overwrite_card=True to replace it.",
-                path,
-            )
-            return False
-    write(path, card_with_marker(body))
-    return True
-
-
-def push_folder(
-    save: Callable[[str], Any],
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    token: str | bool | None = None,
-    api: HfApi | None = None,
-) -> Any:
-    """Creates the repo (if needed), calls `save(tmp_dir)` and uploads that folder as one commit.
-
-    Returns the `CommitInfo` of the upload.
-    """
-    api = api or HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, token=token)
-    if revision is not None and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
-    with tempfile.TemporaryDirectory() as tmp:
-        save(tmp)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            commit_message=commit_message or "Upload edit patch with hf_edit_patch",
-            revision=revision,
-            create_pr=create_pr,
-            token=token,
-        )

@@ -23,11 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard
 
@@ -36,8 +37,13 @@ from ..evaluation.report import CARD_FILE, EVAL_FILE, load_evaluation
 from ..patch.config import CONFIG_NAME, STACK_NAME
 from ..patch.edit_patch import EditPatch
 from ..patched_model import _check_patch_name
-from .cards import evaluation_card, patch_card
-from .resolve import card_is_generated_and_unedited, card_with_marker, push_folder
+from .cards import card_is_generated_and_unedited, card_with_marker, evaluation_card, patch_card
+from .push import PushOptions, push_folder
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .push import PushKwargs
 
 logger = logging.getLogger(__name__)
 
@@ -161,13 +167,8 @@ def push_patch_folder(
     repo_id: str,
     *,
     evaluation: str | os.PathLike | None = None,
-    private: bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    token: str | bool | None = None,
-    license: str | None = None,
     overwrite_card: bool = False,
+    **options: Unpack[PushKwargs],
 ) -> Any:
     """Uploads a saved patch folder (or stack) and its evaluation to `repo_id` in one commit.
 
@@ -178,11 +179,10 @@ def push_patch_folder(
         folder: a folder written by `EditPatch.save_pretrained` or `PatchedModel.save_pretrained`.
         repo_id: `"namespace/name"`.
         evaluation: a folder (or `eval.json`) written by `hf_edit_patch.evaluation.report.write_evaluation`;
-            defaults to
-            `<folder>/evaluation` when it exists.
-        private, revision, create_pr, commit_message, token: as in `EditPatch.push_to_hub`.
-        license: a Hub license id for the card.
+            defaults to `<folder>/evaluation` when it exists.
         overwrite_card: replace a README.md that a person edited with a generated card.
+        options: `private`, `revision`, `create_pr`, `commit_message`, `token`, `license`
+            (`hf_edit_patch.hub.push.PushOptions`).
 
     Returns:
         The `CommitInfo` of the upload.
@@ -192,19 +192,18 @@ def push_patch_folder(
         >>> push_patch_folder("out/eiffel", "user/eiffel-rome-rect", private=True)
         ```
     """
+    push = PushOptions.from_kwargs(options)
+    message = push.commit_message or f"Upload edit patch from {os.path.basename(os.path.abspath(folder))}"
+    push = dataclasses.replace(push, commit_message=message)
     return push_folder(
         lambda staging: stage_patch_folder(
             folder,
             staging,
             repo_id=repo_id,
             evaluation=evaluation,
-            license=license,
+            license=push.license,
             overwrite_card=overwrite_card,
         ),
         repo_id,
-        private=private,
-        revision=revision,
-        create_pr=create_pr,
-        commit_message=commit_message or f"Upload edit patch from {os.path.basename(os.path.abspath(folder))}",
-        token=token,
+        push,
     )

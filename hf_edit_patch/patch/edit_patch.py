@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -29,15 +29,21 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import PatchError, PatchFormatError
-from ..hub.cards import patch_card
-from ..hub.files import atomic_write, atomic_write_files
-from ..hub.resolve import file_sha256, push_folder, resolve_file, write_card
+from ..hub.cards import patch_card, write_card
+from ..hub.files import atomic_write, atomic_write_files, file_sha256
+from ..hub.push import PushOptions, push_folder
+from ..hub.resolve import resolve_file
 from ..interop import peft as shira
 from ..modules import model_source, resolve_weight, unwrap_peft
 from ..regularizers.matrix import sparsify
 from . import encoding as storage
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModuleRecord, PatchConfig
 from .sparse import SparseDelta
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ..hub.push import PushKwargs
 
 logger = logging.getLogger(__name__)
 
@@ -331,13 +337,7 @@ class EditPatch:
     def push_to_hub(
         self,
         repo_id: str,
-        *,
-        private: bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        commit_message: str | None = None,
-        token: str | bool | None = None,
-        license: str | None = None,
+        **options: Unpack[PushKwargs],
     ) -> Any:
         """Creates `repo_id` if needed and uploads the saved patch in one commit. Returns the `CommitInfo`.
 
@@ -346,26 +346,18 @@ class EditPatch:
 
         Args:
             repo_id: `"namespace/name"`; created if it does not exist.
-            private: whether a new repo is private (an existing repo keeps its visibility).
-            revision: the branch to push to (created from the default branch if needed).
-            create_pr: open a pull request instead of committing to the branch.
-            commit_message: the commit's title.
-            token: a Hub token (defaults to the saved login / `HF_TOKEN`).
-            license: a Hub license id for the card's metadata.
+            options: `private`, `revision`, `create_pr`, `commit_message`, `token`, `license`
+                (`hf_edit_patch.hub.push.PushOptions`).
 
         Example:
             ```python
             >>> patch.push_to_hub("user/eiffel-rome-rect", private=True)
             ```
         """
+        push = PushOptions.from_kwargs(options)
+        push = replace(push, commit_message=push.commit_message or "Upload edit patch")
         return push_folder(
-            lambda folder: self.save_pretrained(folder, license=license, card_repo_id=repo_id),
-            repo_id,
-            private=private,
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or "Upload edit patch",
-            token=token,
+            lambda folder: self.save_pretrained(folder, license=push.license, card_repo_id=repo_id), repo_id, push
         )
 
     # ------------------------------------------------------------------ loading
