@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from hf_edit_patch.kernels import rect_select_reference as ref
+from hf_edit_patch.kernels.sparse_add_reference import restore_reference_, sparse_add_reference_
 from hf_edit_patch.regularizers.matrix import keep_count, rect_sparsify
 
 
@@ -186,9 +187,9 @@ def bench_sparse_add(shape, keep, device, repeats) -> list[dict]:
 
         return run
 
-    paths.append(("reference add+restore", attach_detach(sa.sparse_add_reference_, sa.restore_reference_)))
+    paths.append(("reference add+restore", attach_detach(sparse_add_reference_, restore_reference_)))
     if device == "cuda":
-        paths.append(("triton add+restore", attach_detach(sa._sparse_add_triton, sa._restore_triton)))
+        paths.append(("triton add+restore", attach_detach(sa.sparse_add_triton_, sa.restore_triton_)))
     floor = sa.sparse_add_bytes(k, weight.dtype, values.dtype) + sa.restore_bytes(k, weight.dtype)
     for name, fn in paths:
         seconds = timed(fn, device, repeats)

@@ -21,11 +21,12 @@ from hf_edit_patch.kernels import sparse_add as sa
 from hf_edit_patch.kernels.sparse_add import (
     restore_,
     restore_bytes,
-    restore_reference_,
+    restore_triton_,
     sparse_add_,
     sparse_add_bytes,
-    sparse_add_reference_,
+    sparse_add_triton_,
 )
+from hf_edit_patch.kernels.sparse_add_reference import restore_reference_, sparse_add_reference_
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,14 +78,14 @@ def check_both_paths(weight: torch.Tensor, flat: torch.Tensor, values: torch.Ten
     Returns the patched weight.
     """
     w_tri, w_ref = weight.clone(), weight.clone()
-    o_tri = sa._sparse_add_triton(w_tri, flat, values)
+    o_tri = sparse_add_triton_(w_tri, flat, values)
     o_ref = sparse_add_reference_(w_ref, flat, values)
     assert_bits_equal(o_ref, weight.reshape(-1)[flat.long()], "reference original vs the weight's entries")
     assert_bits_equal(w_ref, spec(weight, flat, values), "reference weight vs the definition")
     assert_bits_equal(o_tri, o_ref, "original (triton vs reference)")
     assert_bits_equal(w_tri, w_ref, "patched weight (triton vs reference)")
     patched = w_tri.clone()
-    sa._restore_triton(w_tri, flat, o_tri)
+    restore_triton_(w_tri, flat, o_tri)
     restore_reference_(w_ref, flat, o_ref)
     assert_bits_equal(w_tri, weight, "weight after triton restore_")
     assert_bits_equal(w_ref, weight, "weight after reference restore_")
@@ -218,13 +219,13 @@ def test_nan_in_weight_stays_nan_and_restores_bit_exactly(wdtype) -> None:
     weight = torch.tensor([1.0, math.nan, 2.0, -math.nan], dtype=wdtype)
     values = torch.tensor([0.5, 0.5, 0.5, 0.5], dtype=torch.float32)
     w_tri, w_ref = weight.clone(), weight.clone()
-    o_tri = sa._sparse_add_triton(w_tri, torch.arange(4), values)
+    o_tri = sparse_add_triton_(w_tri, torch.arange(4), values)
     o_ref = sparse_add_reference_(w_ref, torch.arange(4), values)
     assert_bits_equal(o_tri, o_ref, "original")
     assert torch.isnan(w_tri).tolist() == torch.isnan(w_ref).tolist() == [False, True, False, True]
     finite = ~torch.isnan(w_ref)
     assert_bits_equal(w_tri[finite], w_ref[finite], "non-NaN entries")  # NaN payloads are not canonical in torch
-    sa._restore_triton(w_tri, torch.arange(4), o_tri)
+    restore_triton_(w_tri, torch.arange(4), o_tri)
     assert_bits_equal(w_tri, weight, "weight after restore_")
 
 
@@ -237,16 +238,16 @@ def test_weight_with_storage_offset_and_parameter() -> None:
     flat = torch.tensor([0, 5, 64])
     values = torch.tensor([1.0, 2.0, 3.0])
     check_both_paths(weight, flat, values)
-    original = sa._sparse_add_triton(weight, flat, values)
+    original = sparse_add_triton_(weight, flat, values)
     assert_bits_equal(base[:2], before[:2], "rows before the view")
     assert_bits_equal(base[7:], before[7:], "rows after the view")
     assert base[2, 0] == before[2, 0] + 1 and base[6, 12] == before[6, 12] + 3
-    sa._restore_triton(weight, flat, original)
+    restore_triton_(weight, flat, original)
     assert_bits_equal(base, before, "storage after restore_")
 
     param = torch.nn.Parameter(torch.randn(4, 4, generator=gen))
     saved = param.detach().clone()
-    for add, restore in ((sa._sparse_add_triton, sa._restore_triton), (sparse_add_reference_, restore_reference_)):
+    for add, restore in ((sparse_add_triton_, restore_triton_), (sparse_add_reference_, restore_reference_)):
         original = add(param, flat[:2], values[:2])  # outside no_grad, on a leaf that requires grad
         assert not original.requires_grad
         restore(param, flat[:2], original)
@@ -257,7 +258,7 @@ def test_weight_with_storage_offset_and_parameter() -> None:
 
 PATHS = [
     pytest.param(
-        (sa._sparse_add_triton, sa._restore_triton),
+        (sparse_add_triton_, restore_triton_),
         id="triton",
         marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed"),
     ),
@@ -322,15 +323,13 @@ def test_rejects_device_mismatch(path) -> None:
 def test_float64_is_reference_only_for_the_add() -> None:
     weight = torch.randn(3, 4, dtype=torch.float64)
     flat = torch.tensor([1, 2])
-    _rejects(sa._sparse_add_triton, weight, flat, torch.ones(2), match="float64 is accepted on the reference path")
-    _rejects(
-        sa._sparse_add_triton, weight.float(), flat, torch.ones(2, dtype=torch.float64), match="reference path only"
-    )
+    _rejects(sparse_add_triton_, weight, flat, torch.ones(2), match="float64 is accepted on the reference path")
+    _rejects(sparse_add_triton_, weight.float(), flat, torch.ones(2, dtype=torch.float64), match="reference path only")
     w_ref = weight.clone()
     values = torch.tensor([0.1, 1e-9], dtype=torch.float64)
     original = sparse_add_reference_(w_ref, flat, values)
     assert_bits_equal(w_ref, spec(weight, flat, values), "float64 reference vs the definition")
-    sa._restore_triton(w_ref, flat, original)  # the restore kernel copies bits, float64 included
+    restore_triton_(w_ref, flat, original)  # the restore kernel copies bits, float64 included
     assert_bits_equal(w_ref, weight, "float64 weight after restore_")
     for wdtype in WEIGHT_DTYPES:  # float64 values: rounded to float32 first, then added in float32
         w16 = torch.randn(3, 4).to(wdtype)
@@ -371,8 +370,8 @@ def _public_round_trip() -> None:
 
 def test_forced_reference_never_calls_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_EDIT_PATCH_KERNELS", "reference")
-    monkeypatch.setattr(sa, "_sparse_add_triton", _boom)
-    monkeypatch.setattr(sa, "_restore_triton", _boom)
+    monkeypatch.setattr(sa, "sparse_add_triton_", _boom)
+    monkeypatch.setattr(sa, "restore_triton_", _boom)
     _public_round_trip()
 
 
@@ -387,8 +386,8 @@ def test_interpreter_runs_the_triton_kernel(monkeypatch: pytest.MonkeyPatch, mod
 
 def test_auto_without_interpreter_on_cpu_uses_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setattr(sa, "_sparse_add_triton", _boom)
-    monkeypatch.setattr(sa, "_restore_triton", _boom)
+    monkeypatch.setattr(sa, "sparse_add_triton_", _boom)
+    monkeypatch.setattr(sa, "restore_triton_", _boom)
     _public_round_trip()
 
 
@@ -420,6 +419,10 @@ def test_module_imports_and_runs_without_triton(monkeypatch: pytest.MonkeyPatch)
     original = module.sparse_add_(weight, torch.tensor([0, 15]), torch.ones(2))
     module.restore_(weight, torch.tensor([0, 15]), original)
     assert_bits_equal(weight, before, "weight after a round trip without Triton")
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        module.sparse_add_triton_(weight, torch.tensor([0, 15]), torch.ones(2))
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        module.restore_triton_(weight, torch.tensor([0, 15]), original)
 
 
 def test_bytes_helpers() -> None:

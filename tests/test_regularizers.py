@@ -9,6 +9,7 @@ import torch
 
 import hf_edit_patch as hep
 from hf_edit_patch.kernels import rect_select_reference as ref
+from hf_edit_patch.kernels.topk import rect_keys, top_k_positions
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (1, 7), (7, 13), (33, 65), (129, 257), (1031, 1100)]  # the last two take the sampled CPU path
@@ -135,7 +136,7 @@ def test_a_misleading_sample_falls_back_to_the_exact_path(monkeypatch, band):
     k = round(0.3 * delta.numel())
     want = oracle_positions(delta, weight, k)
     wrong = {"above": (2**31 - 2, 2**31 - 1), "below": (-1, 0), "empty": (5, 4)}[band]
-    monkeypatch.setattr(ref, "_band_limits", lambda *args: wrong)
+    monkeypatch.setattr(ref, "band_limits", lambda *args: wrong)
     flat, _ = ref.rect_select_reference(delta, weight, k)
     assert torch.equal(flat, want), _mismatch(flat, want)
 
@@ -148,7 +149,7 @@ def test_both_reference_paths_agree_on_heavy_ties(monkeypatch, device_path):
     k = 400_000
     want = oracle_positions(delta, weight, k)
     if device_path == "torch":  # the whole-tensor path used for non-CPU devices, run on CPU
-        flat = ref.top_k_positions(ref.rect_keys(delta, weight), k)
+        flat = top_k_positions(rect_keys(delta, weight), k)
     else:
         flat, _ = ref.rect_select_reference(delta, weight, k)
     assert torch.equal(flat, want), _mismatch(flat, want)

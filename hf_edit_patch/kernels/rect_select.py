@@ -1,4 +1,7 @@
-"""RECT selection on the GPU: the k entries of ΔW with the largest relative change |ΔW / W|, without a sort.
+"""RECT selection with Triton: the k entries of ΔW with the largest relative change |ΔW / W|, without a sort.
+
+This module holds the Triton kernels, their launcher `rect_select_triton` and the public `rect_select`, which runs
+them or the pure-torch twin `rect_select_reference` (`rect_select_reference.py`) as `use_triton` says.
 
 Semantics (the same as `hf_edit_patch.regularizers.rect_sparsify` before it drops zero values):
 
@@ -47,6 +50,7 @@ import operator
 import torch
 
 from .dispatch import interpreting, use_triton
+from .rect_select_reference import rect_select_reference
 
 try:  # the module must import without Triton: the reference path needs none
     import triton
@@ -402,8 +406,6 @@ def rect_select(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torc
     k = _check_inputs(delta, weight, k)
     if use_triton(delta, weight):
         return rect_select_triton(delta, weight, k)
-    from .rect_select_reference import rect_select_reference
-
     return rect_select_reference(delta, weight, k)
 
 

@@ -1,37 +1,31 @@
-"""Reference RECT selection (no Triton): exact top-k of |ΔW / W| with deterministic ties, fast on CPU.
+"""Pure-torch twin of `rect_select.py` (no Triton): exact top-k of |ΔW / W| with deterministic ties, fast on CPU.
 
-Keys are the int32 bit patterns of the float32 scores |ΔW / W| (the bits of a non-negative float are monotone in
-its value), with 0/0 mapped to -1 so that it ranks lowest; a nonzero ΔW over W == 0 gives +inf, above every finite
-ratio. Ties go to the lower row-major index.
-
-The exact k-th largest key is found without sorting the matrix: the k-th largest key of a strided sample brackets
-it inside a narrow band (six standard deviations of the sample rank wide). Pass 1 marks every key at or above the
-band in a bool mask and gathers the keys and positions inside the band (about 1% of the entries); the threshold is
-picked among those and the band entries below it are unmarked. Pass 2 writes the marked positions, already sorted,
-and their values. When the sample misleads (the band misses the k-th key, which the margin makes rare), an exact
-`kthvalue` over all keys takes over.
+The keys and the sampled threshold band are those of `topk.py`. On CPU the selection takes two passes: pass 1 marks
+every key at or above the band in a bool mask and gathers the keys and positions inside the band (about 1% of the
+entries); the threshold is picked among those and the band entries below it are unmarked. Pass 2 writes the marked
+positions, already sorted, and their values. When the sample misleads (the band misses the k-th key, which the
+margin makes rare), an exact `kthvalue` over all keys takes over.
 
 On CPU both passes stream over blocks of 2¹⁸ entries whose keys stay in cache, so no matrix-sized float
 intermediate is allocated, and run on `torch.get_num_threads()` threads (NumPy releases the GIL; the blocks are
 large enough that hand-offs stay rare). On 2 cores a 4096×11008 float32 matrix at keep 0.4 takes ~0.06 s, against
 ~0.14 s for NumPy 2.4's AVX-512 `argpartition` (~0.42 s with NumPy 1.26), which returns neither values nor sorted,
-tie-stable positions. Other devices use the same algorithm with whole-tensor torch operations.
+tie-stable positions. Other devices use the same algorithm with whole-tensor torch operations (`top_k_positions`).
 """
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-_EXP_MASK = 0x7F800000  # +inf; larger magnitudes are NaN
-_SAMPLE = 1 << 18  # sample size for the threshold band
-_SMALL = 1 << 20  # below this many entries, kthvalue on everything is cheap enough (whole-tensor path)
+from .topk import INF_KEY, NUMPY_FLOATS, SAMPLE_SIZE, band_limits, gather, rect_keys, top_k_positions
+
+__all__ = ["rect_select_reference"]
+
 _SMALL_CPU = 1 << 15  # the CPU path samples down to this size
 _BLOCK = 1 << 18  # CPU block: 1 MiB of float32 keys, cache-resident, large enough to keep GIL hand-offs rare
-_NUMPY_FLOATS = (torch.float32, torch.float16, torch.float64)
 
 
 def _check(delta: torch.Tensor, weight: torch.Tensor, k: int) -> None:
@@ -45,51 +39,6 @@ def _check(delta: torch.Tensor, weight: torch.Tensor, k: int) -> None:
         raise ValueError(f"delta and weight must be floating tensors, got {delta.dtype} and {weight.dtype}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= delta.numel():
         raise ValueError(f"k must be an integer in [1, {delta.numel()}] for a {list(delta.shape)} matrix, got {k!r}")
-
-
-def rect_keys(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Flat int32 keys ordered like |ΔW / W| in float32 (0/0 → -1)."""
-    score = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
-    torch.div(delta.detach().to(torch.float32), weight.detach().to(torch.float32), out=score)
-    keys = score.view(torch.int32).view(-1)
-    keys.bitwise_and_(0x7FFFFFFF)  # |score|: clear the sign bit
-    keys.masked_fill_(keys > _EXP_MASK, -1)  # NaN (0/0) ranks lowest
-    return keys
-
-
-def _band_limits(sample: torch.Tensor | np.ndarray, n: int, k: int) -> tuple[int, int]:
-    """Keys `(lo, hi)` that bracket the k-th largest of n keys, judged from a sample of them."""
-    ordered = np.sort(np.asarray(sample, dtype=np.int64))[::-1]
-    s = ordered.size
-    q = k / n
-    margin = 6.0 * math.sqrt(s * q * (1 - q)) + 32
-    return int(ordered[min(s - 1, math.ceil(q * s + margin))]), int(ordered[max(0, math.floor(q * s - margin))])
-
-
-def kth_largest(keys: torch.Tensor, k: int) -> tuple[int, int]:
-    """`(t, above)`: the k-th largest of flat integer `keys` and how many keys are strictly greater."""
-    n = keys.numel()
-    if n > _SMALL:
-        lo, hi = _band_limits(keys[:: n // _SAMPLE].cpu(), n, k)
-        above_hi = int((keys > hi).sum())
-        if above_hi < k:
-            band = keys[(keys >= lo) & (keys <= hi)]
-            if above_hi + band.numel() >= k:
-                t = int(torch.kthvalue(band, band.numel() - (k - above_hi) + 1).values)
-                return t, above_hi + int((band > t).sum())
-    t = int(torch.kthvalue(keys, n - k + 1).values)
-    return t, int((keys > t).sum())
-
-
-def top_k_positions(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted int64 positions of the k largest of flat integer `keys`; ties go to the lower position."""
-    if k >= keys.numel():
-        return torch.arange(keys.numel(), device=keys.device)
-    t, above = kth_largest(keys, k)
-    mask = keys > t
-    if above < k:  # ties at the threshold: the lowest positions win
-        mask[torch.nonzero(keys == t).flatten()[: k - above]] = True
-    return torch.nonzero(mask).flatten()
 
 
 class _CpuBlocks:
@@ -113,13 +62,13 @@ class _CpuBlocks:
         np.divide(self._f32(self.delta[where]), self._f32(self.weight[where]), out=out)
         keys = out.view(np.int32)
         np.bitwise_and(keys, 0x7FFFFFFF, out=keys)
-        np.greater(keys, _EXP_MASK, out=scratch)
+        np.greater(keys, INF_KEY, out=scratch)
         if scratch.any():
             np.copyto(keys, -1, where=scratch)
         return keys
 
     def sample_keys(self) -> np.ndarray:
-        stride = max(1, self.n // min(_SAMPLE, self.n // 16))
+        stride = max(1, self.n // min(SAMPLE_SIZE, self.n // 16))
         size = len(range(0, self.n, stride))
         return self._keys_of(slice(None, None, stride), np.empty(size, np.float32), np.empty(size, bool))
 
@@ -165,7 +114,7 @@ def _select_cpu(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torc
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf and NaN are ranked on purpose
         if n <= _SMALL_CPU:
             return top_k_positions(src.all_keys(), k), None
-        lo, hi = _band_limits(src.sample_keys(), n, k)
+        lo, hi = band_limits(src.sample_keys(), n, k)
 
         # Pass 1: `kept` marks every key >= lo (the band and everything above it); the band's keys and
         # positions are gathered (about 1% of the entries) to place the threshold inside it.
@@ -208,7 +157,7 @@ def _select_cpu(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torc
 
         # Pass 2: the kept positions and values of each block land at its offset, in order.
         flat = _fresh(k, np.int64)
-        source = src.delta.numpy() if src.delta.dtype in _NUMPY_FLOATS else None
+        source = src.delta.numpy() if src.delta.dtype in NUMPY_FLOATS else None
         values = _fresh(k, source.dtype) if source is not None else None
 
         def write(blocks: range) -> None:
@@ -221,14 +170,6 @@ def _select_cpu(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torc
 
         _parallel(write, n_blocks, threads)
     return torch.from_numpy(flat), values
-
-
-def gather(source: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """`source.reshape(-1)[flat]` (NumPy's take is ~2x faster on CPU, where the dtype allows)."""
-    source = source.detach().reshape(-1)
-    if source.device.type == "cpu" and source.dtype in _NUMPY_FLOATS:
-        return torch.from_numpy(np.take(source.numpy(), flat.numpy()))
-    return source[flat]
 
 
 def rect_select_reference(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,9 +8,10 @@
 and returns `original`. `restore_(weight, flat, original)` writes `original` back at `flat`: a copy of the saved
 bits, never a subtraction, so detaching is exact whatever rounding the add did.
 
-Each op has a Triton kernel (`_sparse_add_triton` / `_restore_triton`: validate, pick a block size, launch) and a
-pure-torch reference twin (`sparse_add_reference_` / `restore_reference_`) with the same semantics; the public
-functions pick one with `use_triton(weight)` (see `dispatch.py`).
+This module holds each op's Triton kernel, its launcher (`sparse_add_triton_` / `restore_triton_`: validate, pick
+a block size, launch) and the public functions, which pick the launcher or the pure-torch twin of
+`sparse_add_reference.py` (`sparse_add_reference_` / `restore_reference_`, the same semantics) with
+`use_triton(weight)` (see `dispatch.py`). Both paths validate with the checks of `sparse_add_checks.py`.
 
 Exactness. The Triton kernel moves the weight, `original` and bfloat16 values as integer bits and does the dtype
 conversions itself, so its output is bit-identical to the reference's (`float32` add, then torch's
@@ -36,6 +37,14 @@ from typing import Any
 import torch
 
 from .dispatch import interpreting, use_triton
+from .sparse_add_checks import (
+    REFERENCE_WEIGHT_DTYPES,
+    TRITON_VALUE_DTYPES,
+    TRITON_WEIGHT_DTYPES,
+    check_sparse_args,
+    empty_entries,
+)
+from .sparse_add_reference import restore_reference_, sparse_add_reference_
 
 try:  # optional dependency: the reference path needs torch only
     import triton
@@ -44,20 +53,7 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
     triton = None
     tl = None
 
-__all__ = [
-    "restore_",
-    "restore_bytes",
-    "restore_reference_",
-    "sparse_add_",
-    "sparse_add_bytes",
-    "sparse_add_reference_",
-]
-
-INDEX_DTYPES = (torch.int64, torch.int32)
-TRITON_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-REFERENCE_WEIGHT_DTYPES = TRITON_WEIGHT_DTYPES + (torch.float64,)
-TRITON_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-REFERENCE_VALUE_DTYPES = TRITON_VALUE_DTYPES + (torch.float64,)
+__all__ = ["restore_", "restore_bytes", "restore_triton_", "sparse_add_", "sparse_add_bytes", "sparse_add_triton_"]
 
 CUDA_BLOCK = 1024  # elements per program on a GPU: 8 per thread with 4 warps
 CUDA_NUM_WARPS = 4
@@ -67,97 +63,6 @@ INTERPRET_MAX_BLOCK = 1 << 16  # the interpreter pays per program, so few big pr
 _F32, _F16, _BF16 = 0, 1, 2
 _KIND = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16}
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size → integer dtype of the same width
-
-
-# --------------------------------------------------------------------------------------------------- validation
-
-
-def _names(dtypes: tuple[torch.dtype, ...]) -> str:
-    names = [str(d).removeprefix("torch.") for d in dtypes]
-    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
-
-
-def _check_args(
-    op: str,
-    weight: torch.Tensor,
-    flat: torch.Tensor,
-    vals: torch.Tensor,
-    vals_name: str,
-    weight_dtypes: tuple[torch.dtype, ...],
-    value_dtypes: tuple[torch.dtype, ...] | None,
-    reference_only: str = "",
-) -> int:
-    """Validates the arguments of `op` before anything touches memory; returns the number of entries.
-
-    `value_dtypes=None` means `vals` must have the weight's dtype (restore). `reference_only` is appended to dtype
-    errors on the Triton path (e.g. that float64 is accepted on the reference path).
-
-    Raises:
-        TypeError: when an argument is not a tensor.
-        ValueError: naming what was wrong and what is accepted.
-    """
-    for name, t in (("weight", weight), ("flat", flat), (vals_name, vals)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if weight.dtype not in weight_dtypes:
-        raise ValueError(
-            f"{op}: weight must be a floating tensor of dtype {_names(weight_dtypes)}{reference_only}, "
-            f"got {weight.dtype}"
-        )
-    if not weight.is_contiguous():
-        raise ValueError(
-            f"{op}: weight must be contiguous (it is updated in place through its flat view), got shape "
-            f"{list(weight.shape)} with strides {list(weight.stride())}"
-        )
-    if flat.dim() != 1 or flat.dtype not in INDEX_DTYPES:
-        raise ValueError(
-            f"{op}: flat must be a 1-D integer tensor of dtype int64 or int32, got {flat.dtype} of shape "
-            f"{list(flat.shape)}"
-        )
-    if vals.dim() != 1 or vals.shape[0] != flat.shape[0]:
-        raise ValueError(
-            f"{op}: {vals_name} must be 1-D with the same length as flat ({flat.shape[0]}), got shape "
-            f"{list(vals.shape)}"
-        )
-    if value_dtypes is None:
-        if vals.dtype != weight.dtype:
-            raise ValueError(
-                f"{op}: {vals_name} must have the weight's dtype {weight.dtype} (an exact restore copies bits), "
-                f"got {vals.dtype}; cast it explicitly if a lossy restore is really meant"
-            )
-    elif vals.dtype not in value_dtypes:
-        raise ValueError(
-            f"{op}: {vals_name} must be a floating tensor of dtype {_names(value_dtypes)}{reference_only}, "
-            f"got {vals.dtype}"
-        )
-    if not (weight.device == flat.device == vals.device):
-        raise ValueError(
-            f"{op}: weight, flat and {vals_name} must be on one device, got {weight.device}, {flat.device} and "
-            f"{vals.device}"
-        )
-    n = int(flat.shape[0])
-    if n == 0:
-        return 0
-    if n > 1:
-        step_ok = flat[1:] > flat[:-1]
-        if not bool(step_ok.all()):
-            bad = (~step_ok).nonzero().flatten()
-            i = int(bad[0])
-            raise ValueError(
-                f"{op}: flat indices must be strictly increasing (sorted, no duplicates); {bad.numel()} of "
-                f"{n - 1} steps are not, first at position {i + 1} ({int(flat[i])} then {int(flat[i + 1])})"
-            )
-    lo, hi = int(flat[0]), int(flat[-1])  # min and max, the indices being increasing
-    if lo < 0 or hi >= weight.numel():
-        raise ValueError(
-            f"{op}: flat indices must lie in [0, {weight.numel()}) for a weight of shape {list(weight.shape)}, "
-            f"got min {lo} and max {hi}"
-        )
-    return n
-
-
-def _empty_like_entries(weight: torch.Tensor) -> torch.Tensor:
-    return torch.empty(0, dtype=weight.dtype, device=weight.device)
 
 
 # ------------------------------------------------------------------------------------------------ Triton kernels
@@ -239,9 +144,22 @@ def _as_bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS[t.element_size()])
 
 
-def _sparse_add_triton(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Launcher of the Triton sparse add: validates, picks the block size, launches one pass."""
-    n = _check_args(
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("Triton is not installed (pip install 'hf-edit-patch[triton]')")
+
+
+def sparse_add_triton_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`sparse_add_` with the Triton kernel (CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1`).
+
+    Validates (float32, float16 or bfloat16 weights and values), picks the block size and launches one pass.
+
+    Raises:
+        ValueError: on a bad argument, before the weight is touched.
+        RuntimeError: when Triton is not installed.
+    """
+    _require_triton()
+    n = check_sparse_args(
         "sparse_add_",
         weight,
         flat,
@@ -252,7 +170,7 @@ def _sparse_add_triton(weight: torch.Tensor, flat: torch.Tensor, values: torch.T
         " (float64 is accepted on the reference path only)",
     )
     if n == 0:
-        return _empty_like_entries(weight)
+        return empty_entries(weight)
     original = torch.empty(n, dtype=weight.dtype, device=weight.device)
     values = values.detach().contiguous()
     v_arg = values.view(torch.int16) if values.dtype == torch.bfloat16 else values
@@ -272,9 +190,15 @@ def _sparse_add_triton(weight: torch.Tensor, flat: torch.Tensor, values: torch.T
     return original
 
 
-def _restore_triton(weight: torch.Tensor, flat: torch.Tensor, original: torch.Tensor) -> None:
-    """Launcher of the Triton restore: validates, picks the block size, launches a bit copy."""
-    n = _check_args("restore_", weight, flat, original, "original", REFERENCE_WEIGHT_DTYPES, None)
+def restore_triton_(weight: torch.Tensor, flat: torch.Tensor, original: torch.Tensor) -> None:
+    """`restore_` with the Triton kernel: validates, picks the block size and launches a bit copy.
+
+    Raises:
+        ValueError: on a bad argument, before the weight is touched.
+        RuntimeError: when Triton is not installed.
+    """
+    _require_triton()
+    n = check_sparse_args("restore_", weight, flat, original, "original", REFERENCE_WEIGHT_DTYPES, None)
     if n == 0:
         return
     block, options = _launch_config(n, weight.device)
@@ -287,43 +211,6 @@ def _restore_triton(weight: torch.Tensor, flat: torch.Tensor, original: torch.Te
         BLOCK=block,
         **options,
     )
-
-
-# ----------------------------------------------------------------------------------------------- reference twins
-
-
-def sparse_add_reference_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Pure-torch twin of `sparse_add_`, same semantics and validation; also accepts float64 weights and values.
-
-    `cast(float32(W[flat]) + float32(values))` with torch's casts (round to nearest even). A few whole-tensor ops
-    with one temporary for a float32 weight (`torch.take` gather, an in-place add into the converted values,
-    `scatter_` write): faster than `w[flat]` and `w[flat] = new`. Chunking into cache-sized pieces is faster
-    still on an idle CPU but far slower on a busy one (every op's parallel region waits for both threads), so it
-    is not done.
-    """
-    n = _check_args("sparse_add_", weight, flat, values, "values", REFERENCE_WEIGHT_DTYPES, REFERENCE_VALUE_DTYPES)
-    if n == 0:
-        return _empty_like_entries(weight)
-    w = weight.detach().view(-1)
-    values = values.detach()
-    idx = flat.to(torch.int64)  # no copy for int64; take and scatter_ want int64
-    original = torch.take(w, idx)
-    if weight.dtype != torch.float32:
-        new = original.to(torch.float32).add_(values.to(torch.float32)).to(weight.dtype)
-    elif values.dtype == torch.float32:
-        new = original + values
-    else:  # add into the converted copy: a float32 add is commutative, bit for bit
-        new = values.to(torch.float32).add_(original)
-    w.scatter_(0, idx, new)  # the indices are unique: a plain write
-    return original
-
-
-def restore_reference_(weight: torch.Tensor, flat: torch.Tensor, original: torch.Tensor) -> None:
-    """Pure-torch twin of `restore_`: writes `original` back at `flat` (a copy, exact)."""
-    n = _check_args("restore_", weight, flat, original, "original", REFERENCE_WEIGHT_DTYPES, None)
-    if n == 0:
-        return
-    weight.detach().view(-1).scatter_(0, flat.to(torch.int64), original.detach())
 
 
 # ---------------------------------------------------------------------------------------------------- public API
@@ -351,7 +238,7 @@ def sparse_add_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) 
         RuntimeError: when `HF_EDIT_PATCH_KERNELS=triton` forces a kernel that cannot run here.
     """
     if use_triton(weight):
-        return _sparse_add_triton(weight, flat, values)
+        return sparse_add_triton_(weight, flat, values)
     return sparse_add_reference_(weight, flat, values)
 
 
@@ -366,7 +253,7 @@ def restore_(weight: torch.Tensor, flat: torch.Tensor, original: torch.Tensor) -
         RuntimeError: when `HF_EDIT_PATCH_KERNELS=triton` forces a kernel that cannot run here.
     """
     if use_triton(weight):
-        _restore_triton(weight, flat, original)
+        restore_triton_(weight, flat, original)
     else:
         restore_reference_(weight, flat, original)
 
