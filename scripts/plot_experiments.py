@@ -11,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from hf_edit_patch.evaluation.experiment import RESULTS_FILE, plot_results, summary_table, tasks_table
+from hf_edit_patch.evaluation.experiment.plots import plot_results
+from hf_edit_patch.evaluation.experiment.results import RESULTS_FILE
+from hf_edit_patch.evaluation.experiment.tables import summary_table, tasks_table
 
 # what must agree for runs to be compared in one figure
 SHARED = ("data", "method", "setting", "unit", "batch_size", "seed", "model", "hparams", "drift_texts", "drift_n")

@@ -1,4 +1,5 @@
-"""Runs the paper's editing experiments and plots them; see `hf_edit_patch.evaluation.experiment`.
+"""Runs the paper's editing experiments and plots them: `hf-edit-patch experiment` (see
+`hf_edit_patch.evaluation.experiment`).
 
 Usage (SmolLM2-135M-Instruct, ROME, 30 sequential ZsRE edits, four regularizers at the same budget):
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/run_experiment.py \
@@ -12,7 +13,7 @@ Rerunning the same command resumes: finished checkpoints are kept and saved patc
 
 import sys
 
-from hf_edit_patch.evaluation.experiment import main
+from hf_edit_patch.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["experiment", *sys.argv[1:]]))

@@ -9,7 +9,8 @@ from conftest import assert_state_equal, snapshot
 from test_editors import FAST, llama4, tiny_tokenizer
 
 import hf_edit_patch as hep
-from hf_edit_patch.evaluation import editing as ev
+from hf_edit_patch.evaluation import edit_runs
+from hf_edit_patch.evaluation import scoring as ev
 from hf_edit_patch.requests import EditRequestError
 
 
@@ -223,11 +224,9 @@ def test_evaluate_edits_on_a_patched_model_keeps_its_patches(tok):
 
 
 def test_a_failing_edit_leaves_the_model_as_it_was(tok, monkeypatch):
-    import hf_edit_patch.editing.update as editing
-
     model = llama4(tok, seed=0)
     before = snapshot(model)
-    real = editing.edit
+    real = edit_runs.edit
     calls = []
 
     def flaky(*args, **kwargs):
@@ -236,7 +235,7 @@ def test_a_failing_edit_leaves_the_model_as_it_was(tok, monkeypatch):
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(editing, "edit", flaky)
+    monkeypatch.setattr(edit_runs, "edit", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         hep.evaluation.evaluate_edits(model, tok, REQS, hparams=FAST, mode="sequential")
     assert len(calls) == 2

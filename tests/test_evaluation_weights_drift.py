@@ -357,7 +357,7 @@ def test_drift_stays_the_function_once_the_modules_are_imported():
 
     import hf_edit_patch.evaluation as evaluation
 
-    for module in ("divergence", "editing", "experiment", "probes", "tasks"):
+    for module in ("divergence", "scoring", "edit_runs", "experiment.runner", "probes", "tasks.run", "study"):
         importlib.import_module(f"hf_edit_patch.evaluation.{module}")
     assert callable(evaluation.drift) and evaluation.drift.__name__ == "drift"
     assert callable(evaluation.label_probes) and callable(evaluation.run_general_tasks)

@@ -9,8 +9,12 @@ import pytest
 from conftest import assert_state_equal, snapshot
 from test_editors import llama4, tiny_tokenizer
 
-import hf_edit_patch.editing.update as editing
+from hf_edit_patch.cli import main
 from hf_edit_patch.evaluation import experiment as ex
+from hf_edit_patch.evaluation.experiment import runner
+from hf_edit_patch.evaluation.experiment.measures import HEATMAP_SIZE, Measures
+from hf_edit_patch.evaluation.experiment.results import add_missing
+from hf_edit_patch.evaluation.experiment.runner import ExperimentRunner
 
 SUBJECTS = ["the eiffel tower", "the louvre", "big ben", "the colosseum", "tokyo", "berlin"]
 TARGETS = ["rome", "london", "paris", "japan", "italy", "france"]
@@ -93,7 +97,7 @@ def test_sequential_run_records_every_checkpoint_and_restores_the_model(files, t
             assert point["editing"]["reliability"] > results["base"]["editing"]["reliability"]
             assert point["drift"]["kl"] > 0.0
             assert point["weights"]["n_matrices"] == 1
-            assert len(point["heatmap"]["abs_delta"]) == min(ex.HEATMAP_SIZE, 48)
+            assert len(point["heatmap"]["abs_delta"]) == min(HEATMAP_SIZE, 48)
             assert point["nnz"] > 0
         assert len(list((out / "patches").glob("*/*/patch_config.json"))) == 8
     none, rect = (runs[k]["checkpoints"]["4"] for k in sorted(runs))
@@ -119,8 +123,8 @@ def test_resume_reuses_saved_patches_and_finished_checkpoints(files, tok, tmp_pa
         config(files, checkpoints=[2], regularizers=["rect:0.4"]), out, model=model, tokenizer=tok, plots=False
     )
     calls = []
-    real = editing.edit
-    monkeypatch.setattr(editing, "edit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = runner.edit
+    monkeypatch.setattr(runner, "edit", lambda *a, **k: calls.append(1) or real(*a, **k))
     second = ex.run_experiment(
         config(files, checkpoints=[2, 4], regularizers=["rect:0.4"]), out, model=model, tokenizer=tok, plots=False
     )
@@ -203,10 +207,10 @@ def test_bad_configurations_are_clear(files, kw, match):
 def test_command_line_errors_exit_2(files, tmp_path, capsys):
     data, texts = files
     argv = ["--data", str(tmp_path / "missing.json"), "--output-dir", str(tmp_path / "o"), "--drift-texts", str(texts)]
-    assert ex.main(argv) == 2
+    assert main(["experiment", *argv]) == 2
     assert "--data: no such file" in capsys.readouterr().err
     argv = ["--data", str(data), "--output-dir", str(tmp_path / "o"), "--drift-texts", str(texts), "--hparams", "{"]
-    assert ex.main(argv) == 2
+    assert main(["experiment", *argv]) == 2
     assert "--hparams is not valid JSON" in capsys.readouterr().err
 
 
@@ -217,7 +221,7 @@ def test_tasks_run_only_at_the_task_checkpoints(files, tok, tmp_path, monkeypatc
         seen.append(model)
         return {"sentiment": 0.5}
 
-    monkeypatch.setattr(ex._Runner, "_tasks", fake_tasks)
+    monkeypatch.setattr(Measures, "tasks", fake_tasks)
     model = llama4(tok)
     results = ex.run_experiment(
         config(files, regularizers=["none"], tasks=["sentiment"], task_checkpoints=[4]),
@@ -262,7 +266,7 @@ def test_budget_variants_run_and_the_stack_stays_bounded(files, tok, tmp_path):
 
 
 def test_every_editor_is_a_method_of_the_runner(files):
-    from hf_edit_patch.editing.update import METHODS
+    from hf_edit_patch.editing import METHODS
 
     for method in METHODS:
         assert config(files, method=method).method == method
@@ -279,7 +283,7 @@ def test_a_rerun_adds_probes_to_finished_checkpoints_without_editing_again(files
             seen.append((getattr(model, "active_patches", None), tuple(tasks)))
         return {t: {"adherence": 0.5, "auc": 0.5, "label_mass": 0.1, "n": 3} for t in tasks}
 
-    monkeypatch.setattr(ex._Runner, "_probes", fake_probes)
+    monkeypatch.setattr(Measures, "probes", fake_probes)
     model = llama4(tok)
     before = snapshot(model)
     out = tmp_path / "out"
@@ -287,8 +291,8 @@ def test_a_rerun_adds_probes_to_finished_checkpoints_without_editing_again(files
     name = "ft-sequential-instance-rect0.4-seed0"
     assert all(not p["probes"] for p in first["runs"][name]["checkpoints"].values()) and not seen
     calls = []
-    real = editing.edit
-    monkeypatch.setattr(editing, "edit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = runner.edit
+    monkeypatch.setattr(runner, "edit", lambda *a, **k: calls.append(1) or real(*a, **k))
     second = ex.run_experiment(
         config(files, regularizers=["rect:0.4"], probe_tasks=["sentiment", "nli"]),
         out,
@@ -318,8 +322,8 @@ def test_a_rerun_adds_probes_to_finished_checkpoints_without_editing_again(files
 
 def test_single_runs_compute_each_update_once_for_every_regularizer(files, tok, tmp_path, monkeypatch):
     calls = []
-    real = editing.compute_update
-    monkeypatch.setattr(editing, "compute_update", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    real = runner.compute_update
+    monkeypatch.setattr(runner, "compute_update", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     model = llama4(tok)
     before = snapshot(model)
     specs = ["none", "rect:0.4", "random:0.4", "norm:0.9"]
@@ -357,8 +361,8 @@ def test_runners_sharing_a_folder_keep_each_others_results(files, tok, tmp_path)
     model = llama4(tok)
     out = tmp_path / "out"
     # two runners load the same (empty) folder, then each saves its own regularizer
-    first = ex._Runner(config(files, regularizers=["none"], checkpoints=[2]), out, False, model, tok)
-    second = ex._Runner(config(files, regularizers=["rect:0.4"], checkpoints=[2]), out, False, model, tok)
+    first = ExperimentRunner(config(files, regularizers=["none"], checkpoints=[2]), out, False, model, tok)
+    second = ExperimentRunner(config(files, regularizers=["rect:0.4"], checkpoints=[2]), out, False, model, tok)
     first.run()
     second.run()  # its results were loaded before `first` saved
     on_disk = json.loads((out / "results.json").read_text())
@@ -367,7 +371,7 @@ def test_runners_sharing_a_folder_keep_each_others_results(files, tok, tmp_path)
     on_disk["runs"]["ft-sequential-instance-none-seed0"]["checkpoints"]["2"]["tasks"] = {"sentiment": 0.25}
     (out / "results.json").write_text(json.dumps(on_disk))
     second.results["runs"]["ft-sequential-instance-rect0.4-seed0"]["note"] = "x"
-    second._save()
+    second.save()
     merged = json.loads((out / "results.json").read_text())
     assert merged["runs"]["ft-sequential-instance-none-seed0"]["checkpoints"]["2"]["tasks"] == {"sentiment": 0.25}
     assert merged["runs"]["ft-sequential-instance-rect0.4-seed0"]["note"] == "x"
@@ -376,6 +380,6 @@ def test_runners_sharing_a_folder_keep_each_others_results(files, tok, tmp_path)
 def test_add_missing_keeps_mine_and_adds_theirs_in_place():
     mine = {"a": {"y": {"k": 2, "j": 0}}, "b": [2]}
     inner = mine["a"]
-    ex._add_missing(mine, {"a": {"x": 1, "y": {"k": 1}}, "b": [1], "c": 3})
+    add_missing(mine, {"a": {"x": 1, "y": {"k": 1}}, "b": [1], "c": 3})
     assert mine == {"a": {"x": 1, "y": {"k": 2, "j": 0}}, "b": [2], "c": 3}
     assert mine["a"] is inner  # references held by a running runner stay valid

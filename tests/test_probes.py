@@ -10,8 +10,9 @@ import pytest
 import torch
 from test_tasks import make_model, make_tokenizer, write_task_files
 
-from hf_edit_patch.evaluation import tasks as T
 from hf_edit_patch.evaluation.probes import PROBE_TASKS, label_probes, label_token_ids, roc_auc
+from hf_edit_patch.evaluation.tasks.data import load_task
+from hf_edit_patch.evaluation.tasks.prompts import PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +49,10 @@ def test_roc_auc_equals_the_pairwise_definition_with_ties():
 
 def prompt_for(task, record):
     if task == "sentiment":
-        return T.PROMPTS["sentiment"].format(sentence=record["sentence"])
+        return PROMPTS["sentiment"].format(sentence=record["sentence"])
     if task == "nli":
-        return T.PROMPTS["nli"].format(
-            sentence1=record["sentence1"], sentence2=record["sentence2"].rstrip(".").rstrip()
-        )
-    return T.PROMPTS["closed_qa"].format(passage=record["passage"], question=record["question"])
+        return PROMPTS["nli"].format(sentence1=record["sentence1"], sentence2=record["sentence2"].rstrip(".").rstrip())
+    return PROMPTS["closed_qa"].format(passage=record["passage"], question=record["question"])
 
 
 GOLD = {
@@ -75,7 +74,7 @@ def test_probes_match_a_prompt_by_prompt_reference(tok, data_dir, batch_size):
     assert list(scores) == list(PROBE_TASKS)
     model.eval()
     for task in PROBE_TASKS:
-        records = T._load(task, data_dir, None)
+        records = load_task(task, data_dir, None)
         pos = sorted(label_token_ids(tok, WORDS[task][0]))
         neg = sorted(label_token_ids(tok, WORDS[task][1]))
         expected = []
@@ -170,7 +169,7 @@ def test_label_tokens_cover_case_and_leading_space(tok):
     assert tok.unk_token_id not in label_token_ids(tok, "Positive")  # unknown spellings are left out
 
 
-def test_the_runner_lists_the_same_probe_tasks():
-    from hf_edit_patch.evaluation import experiment
+def test_the_runner_accepts_every_probe_task():
+    from hf_edit_patch.evaluation.experiment import ExperimentConfig
 
-    assert experiment.PROBE_TASKS == PROBE_TASKS
+    assert ExperimentConfig(data="zsre.json", probe_tasks=list(PROBE_TASKS)).probe_tasks == list(PROBE_TASKS)

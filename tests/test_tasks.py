@@ -22,6 +22,17 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import hf_edit_patch as hep
 from hf_edit_patch.evaluation import run_general_tasks
 from hf_edit_patch.evaluation import tasks as T
+from hf_edit_patch.evaluation.tasks.data import DATA_FILES, HUB_SOURCES, load_task
+from hf_edit_patch.evaluation.tasks.parsing import detokenize, iob_entities, parse_conll, parse_entities
+from hf_edit_patch.evaluation.tasks.prompts import (
+    ENTITY_TYPES,
+    MAX_NEW_TOKENS,
+    PROMPTS,
+    REASONING_ANSWER_TOKENS,
+    TASKS,
+    first_label,
+)
+from hf_edit_patch.evaluation.tasks.runner import TaskRunner
 
 SHARED_TASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
 
@@ -103,7 +114,7 @@ def write_task_files(folder: Path) -> Path:
 
 def make_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     """A word-level tokenizer knowing every word of the task files and prompts (as Whitespace pre-tokenizes)."""
-    text = " ".join(p.read_text() for p in sorted(folder.iterdir())) + " ".join(T.PROMPTS.values())
+    text = " ".join(p.read_text() for p in sorted(folder.iterdir())) + " ".join(PROMPTS.values())
     text += " true false yes no positive negative Person Location Organization Miscellaneous Entity good"
     words = sorted(set(re.findall(r"\w+|[^\w\s]+", text)))
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *words])}
@@ -168,7 +179,7 @@ FAST = {"reasoning": 8, "summarization": 8, "ner": 6, "open_qa": 6}
 
 # ------------------------------------------------------------------------------------------------ parsers
 def test_parse_conll_skips_docstart_and_splits_sentences():
-    sentences = list(T.parse_conll(CONLL.splitlines()))
+    sentences = list(parse_conll(CONLL.splitlines()))
     assert [tokens for tokens, _ in sentences] == [
         ["John", "Smith", "visited", "New", "York", "with", "IBM", "Corp.", "."],
         ["Germany", "German", "Paris", "Lyon", "."],
@@ -176,7 +187,7 @@ def test_parse_conll_skips_docstart_and_splits_sentences():
     ]
     assert sentences[1][1] == ["B-LOC", "I-MISC", "B-LOC", "B-LOC", "O"]
     # a file without a trailing blank line still yields its last sentence; DOCSTART mid-stream ends one too
-    assert list(T.parse_conll(["a x y O", "-DOCSTART- -X- -X- O", "b x y B-PER"])) == [
+    assert list(parse_conll(["a x y O", "-DOCSTART- -X- -X- O", "b x y B-PER"])) == [
         (["a"], ["O"]),
         (["b"], ["B-PER"]),
     ]
@@ -185,30 +196,30 @@ def test_parse_conll_skips_docstart_and_splits_sentences():
 @pytest.mark.parametrize("line", ["lonely", "word NNP B-NP B-FOO", "word NNP B-NP X-PER"])
 def test_parse_conll_rejects_malformed_lines(line):
     with pytest.raises(ValueError, match=r"f\.txt:2: expected 'token POS chunk NER'"):
-        list(T.parse_conll(["a x y O", line], "f.txt"))
+        list(parse_conll(["a x y O", line], "f.txt"))
 
 
 def test_iob_entities_handles_b_and_i_transitions():
-    tokens, tags = next(T.parse_conll(CONLL.splitlines()))
+    tokens, tags = next(parse_conll(CONLL.splitlines()))
     # I-LOC after O opens an entity (IOB1); B-/I- of one type join
-    assert T.iob_entities(tokens, tags) == [("PER", "John Smith"), ("LOC", "New York"), ("ORG", "IBM Corp.")]
+    assert iob_entities(tokens, tags) == [("PER", "John Smith"), ("LOC", "New York"), ("ORG", "IBM Corp.")]
     # I- of another type opens a new entity; B- after the same type opens a new one
-    assert T.iob_entities(["Germany", "German", "Paris", "Lyon"], ["B-LOC", "I-MISC", "B-LOC", "B-LOC"]) == [
+    assert iob_entities(["Germany", "German", "Paris", "Lyon"], ["B-LOC", "I-MISC", "B-LOC", "B-LOC"]) == [
         ("LOC", "Germany"),
         ("MISC", "German"),
         ("LOC", "Paris"),
         ("LOC", "Lyon"),
     ]
-    assert T.iob_entities(["a", "b", "c"], ["I-PER", "I-PER", "I-PER"]) == [("PER", "a b c")]
-    assert T.iob_entities(["a", "b"], ["O", "O"]) == []
-    assert T.detokenize(["Hello", ",", "New", "York", "."]) == "Hello, New York."
+    assert iob_entities(["a", "b", "c"], ["I-PER", "I-PER", "I-PER"]) == [("PER", "a b c")]
+    assert iob_entities(["a", "b"], ["O", "O"]) == []
+    assert detokenize(["Hello", ",", "New", "York", "."]) == "Hello, New York."
 
 
 def test_tsv_files_are_read_unquoted_with_typed_labels(data_dir):
-    rte = T._load("nli", data_dir, None)
+    rte = load_task("nli", data_dir, None)
     assert rte[0] == {"sentence1": 'He said "yes" to Paris.', "sentence2": "He spoke.", "label": "entailment"}
     assert [r["label"] for r in rte] == ["entailment", "not_entailment", "entailment"]
-    sst = T._load("sentiment", data_dir, None)
+    sst = load_task("sentiment", data_dir, None)
     assert sst == [
         {"sentence": "it 's a charming journey .", "label": 1},
         {"sentence": "bleak and desperate", "label": 0},
@@ -233,26 +244,26 @@ def test_tsv_files_are_read_unquoted_with_typed_labels(data_dir):
 )
 def test_malformed_files_name_the_place_and_format(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
-    task = next(t for t, f in T.DATA_FILES.items() if f == name)
+    task = next(t for t, f in DATA_FILES.items() if f == name)
     with pytest.raises(ValueError, match=match):
-        T._load(task, tmp_path, None)
+        load_task(task, tmp_path, None)
 
 
 def test_parse_entities():
-    assert T.parse_entities(" John Smith, 'Mary'; none.\nText: more") == ["John Smith", "Mary"]
-    assert T.parse_entities(" U.S., (IBM Corp.) Text: John") == ["U.S", "IBM Corp"]
-    assert T.parse_entities(" Paris Entity: Lyon") == ["Paris"]
-    assert T.parse_entities("\n\n Berlin\n Rome") == ["Berlin"]
-    assert T.parse_entities(" None") == T.parse_entities("") == T.parse_entities(" , ;") == []
+    assert parse_entities(" John Smith, 'Mary'; none.\nText: more") == ["John Smith", "Mary"]
+    assert parse_entities(" U.S., (IBM Corp.) Text: John") == ["U.S", "IBM Corp"]
+    assert parse_entities(" Paris Entity: Lyon") == ["Paris"]
+    assert parse_entities("\n\n Berlin\n Rome") == ["Berlin"]
+    assert parse_entities(" None") == parse_entities("") == parse_entities(" , ;") == []
 
 
 def test_first_label_takes_the_first_whole_label_word():
-    assert T.first_label(" False. But true", "nli") == "not_entailment"
-    assert T.first_label(" TRUE", "nli") == "entailment"
-    assert T.first_label(" yesterday, not now", "closed_qa") is None  # "yes"/"no" only as whole words
-    assert T.first_label(" No.", "closed_qa") is False
-    assert T.first_label(" it is positive, not negative", "sentiment") == 1
-    assert T.first_label(" neutral", "sentiment") is None
+    assert first_label(" False. But true", "nli") == "not_entailment"
+    assert first_label(" TRUE", "nli") == "entailment"
+    assert first_label(" yesterday, not now", "closed_qa") is None  # "yes"/"no" only as whole words
+    assert first_label(" No.", "closed_qa") is False
+    assert first_label(" it is positive, not negative", "sentiment") == 1
+    assert first_label(" neutral", "sentiment") is None
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -287,7 +298,7 @@ def test_prompts_label_mapping_and_scores(monkeypatch, model, tok, data_dir):
             "Yes.\nTL;DR:": "",
         }
     )
-    monkeypatch.setattr(T._Runner, "generate", fake)
+    monkeypatch.setattr(TaskRunner, "generate", fake)
     tasks = ["nli", "closed_qa", "sentiment", "open_qa", "summarization"]
     scores, details = run_general_tasks(model, tok, tasks, data_dir=data_dir, return_details=True)
     assert list(scores) == tasks
@@ -315,7 +326,7 @@ def test_prompts_label_mapping_and_scores(monkeypatch, model, tok, data_dir):
     )
     assert details["summarization"][0]["prompt"] == "A: Hi Tom!\nB: Hi Ann.\nTL;DR:"
     budgets = [n for _, n in fake.calls]
-    assert budgets == [T.MAX_NEW_TOKENS[t] for t in tasks]
+    assert budgets == [MAX_NEW_TOKENS[t] for t in tasks]
 
 
 def test_reasoning_two_stages(monkeypatch, model, tok, data_dir):
@@ -326,12 +337,12 @@ def test_reasoning_two_stages(monkeypatch, model, tok, data_dir):
             "loses 2. How many? A: Let's think step by step.": "",
         }
     )
-    monkeypatch.setattr(T._Runner, "generate", fake)
+    monkeypatch.setattr(TaskRunner, "generate", fake)
     scores, details = run_general_tasks(
         model, tok, "reasoning", data_dir=data_dir, limit=2, return_details=True, max_new_tokens={"reasoning": 99}
     )
     (stage1, n1), (stage2, n2) = fake.calls
-    assert (n1, n2) == (99, T._REASONING_ANSWER_TOKENS)
+    assert (n1, n2) == (99, REASONING_ANSWER_TOKENS)
     assert stage1[0] == "Q: Tom has 9 apples and buys 9 more. How many? A: Let's think step by step."
     assert stage2[0] == stage1[0] + " 9 + 9 = 18. Therefore, the answer (arabic numerals) is:"  # cut at "Q:"
     assert stage2[1] == stage1[1] + " Therefore, the answer (arabic numerals) is:"  # empty rationale
@@ -349,14 +360,14 @@ def test_ner_prompts_and_corpus_level_f1(monkeypatch, model, tok, data_dir):
             "Person Entity from the given text. Text: Nothing": " John Smith",  # wrong: not in this sentence
         }
     )
-    monkeypatch.setattr(T._Runner, "generate", fake)
+    monkeypatch.setattr(TaskRunner, "generate", fake)
     scores, details = run_general_tasks(model, tok, ["ner"], data_dir=data_dir, return_details=True)
     prompts = fake.calls[0][0]
     assert len(prompts) == 3 * 4
     assert prompts[0] == (
         "Please identify Person Entity from the given text. Text: John Smith visited New York with IBM Corp.. Entity:"
     )
-    assert [p.split(" Entity from")[0].rsplit(" ", 1)[1] for p in prompts[:4]] == list(T.ENTITY_TYPES.values())
+    assert [p.split(" Entity from")[0].rsplit(" ", 1)[1] for p in prompts[:4]] == list(ENTITY_TYPES.values())
     ner = details["ner"]
     assert ner[0]["gold"] == [("Person", "John Smith"), ("Location", "New York"), ("Organization", "IBM Corp")]
     assert ner[2]["gold"] == [] and ner[2]["prediction"] == [("Person", "John Smith")]
@@ -396,7 +407,7 @@ def test_dialogue_picks_the_option_the_model_prefers(tok, data_dir):
 
 
 def test_option_scores_are_mean_token_logprobs(model, tok):
-    runner = T._Runner(model, tok, batch_size=3, max_length=None, window=None)
+    runner = TaskRunner(model, tok, batch_size=3, max_length=None, window=None)
     prompts = ["f : is it good ?", "f : how many ? m : two ."]
     options = [["m : no .", "m : yes , good ."], ["good", "m : three ."]]
     with torch.inference_mode():  # as run_general_tasks calls it
@@ -442,7 +453,7 @@ def test_patched_model_all_tasks_restores_flags_and_tokenizer(model, tok, data_d
         scores = run_general_tasks(pm, tok, data_dir=data_dir, limit=2, batch_size=4, max_new_tokens=FAST)
     finally:
         handle.remove()
-    assert list(scores) == list(T.TASKS)
+    assert list(scores) == list(TASKS)
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in scores.values()), scores
     assert seen and not any(seen)  # eval mode during the run
     assert {name: m.training for name, m in pm.named_modules()} == flags
@@ -451,7 +462,7 @@ def test_patched_model_all_tasks_restores_flags_and_tokenizer(model, tok, data_d
 
 
 def test_limit_takes_the_first_examples(monkeypatch, model, tok, data_dir):
-    monkeypatch.setattr(T._Runner, "generate", canned({}))
+    monkeypatch.setattr(TaskRunner, "generate", canned({}))
     _, details = run_general_tasks(model, tok, ["sentiment", "ner"], data_dir=data_dir, limit=2, return_details=True)
     assert [d["prompt"].split("text: ")[1] for d in details["sentiment"]] == [
         "it 's a charming journey . answer:",
@@ -464,14 +475,14 @@ def test_limit_takes_the_first_examples(monkeypatch, model, tok, data_dir):
 
 
 def test_long_prompts_lose_their_middle(model, tok, caplog):
-    runner = T._Runner(model, tok, batch_size=2, max_length=8, window=None, task="nli")
+    runner = TaskRunner(model, tok, batch_size=2, max_length=8, window=None, task="nli")
     prompt = "Person Location Organization Miscellaneous Entity good " * 2  # 12 tokens
     ids = tok(prompt).input_ids
     with caplog.at_level(logging.WARNING, logger=T.__name__):
         rows = runner.encode([prompt, "good"], runner.budget(5))
     assert rows == [ids[:2] + ids[-6:], tok("good").input_ids]
     assert "nli: 1 of 2 prompts are longer than 8 tokens" in caplog.text
-    windowed = T._Runner(model, tok, batch_size=2, max_length=None, window=100)
+    windowed = TaskRunner(model, tok, batch_size=2, max_length=None, window=100)
     assert (windowed.budget(20), windowed.budget(256)) == (80, 50)
 
 
@@ -556,22 +567,22 @@ def test_public_datasets_are_converted(monkeypatch, untouchable, tok):
         return rows[name]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    assert T._load("nli", None, None) == [
+    assert load_task("nli", None, None) == [
         {"sentence1": "a b", "sentence2": "c", "label": "not_entailment"},
         {"sentence1": "d", "sentence2": "e", "label": "entailment"},
     ]
-    ner = T._load("ner", None, 2)
+    ner = load_task("ner", None, 2)
     assert len(ner) == 2 and ner[0] == {
         "tokens": ["John", "Smith", "in", "Paris"],
         "tags": ["B-PER", "I-PER", "O", "B-LOC"],
     }
-    assert T._load("sentiment", None, None) == [{"sentence": "fine", "label": 1}]
+    assert load_task("sentiment", None, None) == [{"sentence": "fine", "label": 1}]
     assert calls == [
         ("nyu-mll/glue", "rte", "train", None),
         ("eriktks/conll2003", "conll2003", "validation", "refs/convert/parquet"),
         ("nyu-mll/glue", "sst2", "validation", None),
     ]
-    monkeypatch.setitem(T._HUB_SOURCES, "nli", ("offline/none", None, "train", None))
+    monkeypatch.setitem(HUB_SOURCES, "nli", ("offline/none", None, "train", None))
     with pytest.raises(OSError, match=r"could not load 'offline/none' .*ConnectionError: no network.*rte\.tsv"):
         run_general_tasks(untouchable, tok, ["nli"])
 
@@ -585,8 +596,8 @@ def test_real_task_files_limit_2(tok):
     scores, details = run_general_tasks(
         model, tok, data_dir=SHARED_TASKS, limit=2, max_length=96, max_new_tokens=FAST, return_details=True
     )
-    assert list(scores) == list(T.TASKS)
+    assert list(scores) == list(TASKS)
     assert all(0.0 <= v <= 1.0 for v in scores.values()), scores
-    assert all(len(details[t]) == 2 for t in T.TASKS)
+    assert all(len(details[t]) == 2 for t in TASKS)
     assert details["ner"][0]["gold"] == [("Organization", "LEICESTERSHIRE")]
     assert details["reasoning"][0]["gold"].endswith("#### 18")

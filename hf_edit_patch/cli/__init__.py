@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from ..errors import PatchNotFoundError
 from ..version import __version__
-from . import evaluate, patches, share
+from . import evaluate, experiment, patches, share
 from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError
 
 __all__ = ["EPILOG", "build_parser", "main"]
@@ -39,12 +39,6 @@ EPILOG = f"""exit codes:
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 
 Run `hf-edit-patch COMMAND --help` for the options of a command."""
-
-
-def _experiment(args: argparse.Namespace) -> int:
-    from ..evaluation.experiment import main
-
-    return main(args=args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -71,16 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     patches.add_parsers(sub, common, EPILOG)
     evaluate.add_parsers(sub, common, EPILOG)
     share.add_parsers(sub, common, EPILOG)
-
-    from ..evaluation.experiment import build_parser as experiment_parser
-
-    exp = sub.add_parser(
-        "experiment",
-        help="edit a model step by step and measure editing metrics, drift, weight changes and tasks",
-        description="Edit a model step by step and measure what it costs (resumable; JSON results and PNG plots).",
-    )
-    experiment_parser(exp)
-    exp.set_defaults(func=_experiment)
+    experiment.add_parsers(sub, common, EPILOG)
 
     demo = sub.add_parser(
         "demo", help="the demo edit on the default model (demo --help for its options)", add_help=False
@@ -100,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error argparse has already explained
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     verbose = getattr(args, "verbose", 0) or 0
-    if args.command not in ("experiment", "demo"):  # those two configure logging themselves
+    if args.command != "demo":  # the demo configures logging itself
         level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from ..evaluation.experiment import TASKS as TASK_NAMES  # light: the task runner itself loads torch
+from ..evaluation.tasks.prompts import TASKS as TASK_NAMES  # light: the task runner itself loads torch
 from .common import (
     EXIT_OK,
     CLIError,

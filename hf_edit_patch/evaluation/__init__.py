@@ -4,8 +4,8 @@
 averaged ROUGE, entity-level F1 and GSM8K answer checking. It is pure Python and imports neither torch nor
 transformers; ROUGE needs the optional `rouge-score` package (``pip install "hf_edit_patch[eval]"``).
 
-`evaluate_edits` edits a model, scores reliability, generalization and locality, and restores the model
-(`score_edits` scores a model as it stands).
+`evaluate_edits` (`edit_runs`) edits a model, scores reliability, generalization and locality, and restores the
+model; `score_edits` and `locality_reference` (`scoring`) score a model as it stands, without editing.
 
 `weight_change_stats` (Manhattan distance and fractions of large relative weight changes) and `drift` (next-token
 KL divergence and perplexity change on ordinary text) compare an edited model with its base. They need torch and
@@ -15,6 +15,10 @@ are imported on first use, so importing this package stays cheap.
 paper (reasoning, NLI, open- and closed-domain QA, dialogue, summarization, NER, sentiment) with the paper's prompts,
 from local files or the public datasets. It needs torch and is imported on first use too. `label_probes` reads
 the next token after the SST-2, RTE and BoolQ prompts: answer-format adherence and label-likelihood AUC.
+
+Also here: `report` (evaluate a patch, write `eval.json` and its card), `experiment` (the paper's experiments:
+edit step by step, measure every checkpoint), `study` (many experiment folders read together), and `checks` (the
+argument checks the modules share).
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from . import metrics
 _LAZY = {
     "weight_change_stats": "weights",
     "drift": "divergence",
-    "evaluate_edits": "editing",
-    "score_edits": "editing",
-    "locality_reference": "editing",
-    "run_general_tasks": "tasks",
+    "evaluate_edits": "edit_runs",
+    "score_edits": "scoring",
+    "locality_reference": "scoring",
+    "run_general_tasks": "tasks.run",
     "label_probes": "probes",
 }
 
@@ -47,9 +51,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .divergence import drift
-    from .editing import evaluate_edits, locality_reference, score_edits
+    from .edit_runs import evaluate_edits
     from .probes import label_probes
-    from .tasks import run_general_tasks
+    from .scoring import locality_reference, score_edits
+    from .tasks.run import run_general_tasks
     from .weights import weight_change_stats
 
 

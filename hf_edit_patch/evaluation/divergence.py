@@ -29,15 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batching import model_device, pad_batch, pad_id
+from .checks import check_int
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["drift"]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_texts(texts: Any) -> list[str]:
@@ -131,8 +127,8 @@ def drift(
         ```
     """
     texts = _check_texts(texts)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("max_length", max_length, 2)
+    check_int("batch_size", batch_size, 1)
+    check_int("max_length", max_length, 2)
     if not isinstance(edited_model, nn.Module):
         raise TypeError(
             f"edited_model must be a torch.nn.Module (or a PatchedModel), got {type(edited_model).__name__}"

@@ -2,7 +2,7 @@
 
 The greedy-generation scores of `run_general_tasks` sit near chance on small models, so they cannot show what an
 edit costs there. Two measures read the next-token distribution right after the answer cue of the paper's
-classification prompts (SST-2, RTE and BoolQ; `tasks.PROMPTS`) and move long before accuracy does:
+classification prompts (SST-2, RTE and BoolQ; `tasks.prompts.PROMPTS`) and move long before accuracy does:
 
 - **adherence**: the share of prompts whose greedy next token starts a label word (positive/negative,
   true/false, yes/no; lower case or Capitalized, with or without a leading space). An edit that breaks the
@@ -35,19 +35,20 @@ import torch
 from torch import nn
 
 from ..batching import head_only_at, model_device, pad_batch, pad_id
-from .tasks import _GOLD_FIELDS, _LABEL_WORDS, _check_positive_int, _load, _Runner, classification_prompt
+from .checks import check_positive_int
+from .tasks.data import load_task
+from .tasks.prompts import GOLD_FIELDS, LABEL_WORDS, PROBE_TASKS, classification_prompt
+from .tasks.runner import TaskRunner
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PROBE_TASKS", "label_probes", "label_token_ids", "roc_auc"]
 
-PROBE_TASKS = ("sentiment", "nli", "closed_qa")
-
 
 def _answers(task: str) -> tuple[str, str, Any]:
     """The task's positive and negative label words (as `run_general_tasks` reads them) and the positive gold."""
-    positive, negative = _LABEL_WORDS[task]
-    return positive, negative, _LABEL_WORDS[task][positive]
+    positive, negative = LABEL_WORDS[task]
+    return positive, negative, LABEL_WORDS[task][positive]
 
 
 def label_token_ids(tokenizer: Any, word: str) -> set[int]:
@@ -116,7 +117,7 @@ def label_probes(
         tokenizer: its tokenizer (not modified).
         tasks: any of "sentiment" (SST-2), "nli" (RTE), "closed_qa" (BoolQ); a single name is accepted.
         limit: the first `limit` examples of each task (None: all).
-        data_dir: a folder with the task files of `tasks.DATA_FILES`; None loads the public datasets by name.
+        data_dir: a folder with the task files of `tasks.data.DATA_FILES`; None loads the public datasets by name.
         batch_size: prompts per forward pass.
         max_length: the longest prompt in tokens (longer ones lose their middle); None: no limit.
         return_details: also return, per task, each example's gold and label log-probabilities.
@@ -142,13 +143,13 @@ def label_probes(
     if unknown:
         raise ValueError(f"unknown probe tasks {unknown}; accepted: {PROBE_TASKS}")
     names = list(dict.fromkeys(tasks))
-    _check_positive_int("limit", limit, allow_none=True)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("max_length", max_length, allow_none=True)
+    check_positive_int("limit", limit, allow_none=True)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("max_length", max_length, allow_none=True)
     folder = Path(data_dir) if data_dir is not None else None
     if folder is not None and not folder.is_dir():
         raise FileNotFoundError(f"data_dir {str(folder)!r} is not a folder")
-    data = {task: _load(task, folder, limit) for task in names}
+    data = {task: load_task(task, folder, limit) for task in names}
     label_ids = {}
     for task in names:
         pos_word, neg_word, _ = _answers(task)
@@ -164,7 +165,7 @@ def label_probes(
         label_ids[task] = (sorted(pos), sorted(neg))
 
     device = model_device(model)
-    runner = _Runner(model, tokenizer, batch_size, max_length, None)
+    runner = TaskRunner(model, tokenizer, batch_size, max_length, None)
     pad = pad_id(tokenizer)
     flags = [(module, module.training) for module in model.modules()]
     scores: dict[str, dict[str, Any]] = {}
@@ -196,7 +197,7 @@ def label_probes(
                     mass = logp[:, both].exp().sum(dim=-1)
                     for r, i in enumerate(chunk):
                         out[i] = {
-                            "gold": records[i][_GOLD_FIELDS[task]] == positive,
+                            "gold": records[i][GOLD_FIELDS[task]] == positive,
                             "logp_pos": float(lp_pos[r]),
                             "logp_neg": float(lp_neg[r]),
                             "greedy_is_label": bool(torch.isin(greedy[r], both)),

@@ -4,7 +4,7 @@
 exactly as it began): editing metrics on the patch's own requests (`score_edits`: reliability, generalization,
 locality) and, when `tasks` are named, the general-ability tasks (`run_general_tasks`). `write_evaluation` writes
 the results as `eval.json`, `scores.png` (with matplotlib) and a `README.md` evaluation card whose `model-index`
-holds every score before and after; `hf_edit_patch.hub.sharing.push_patch_folder` uploads them with the patch.
+holds every score before and after; `hf_edit_patch.evaluation.publish.push_patch_folder` uploads them with the patch.
 
 Example:
     ```python
@@ -38,8 +38,8 @@ from ..patch.edit_patch import EditPatch
 from ..patched_model import PatchedModel
 from ..requests import EditRequest, as_requests
 from ..version import __version__
-from .editing import locality_reference, score_edits
-from .tasks import run_general_tasks
+from .scoring import locality_reference, score_edits
+from .tasks.run import run_general_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def evaluate_patch(
             editing metrics are skipped.
         metric: "accuracy" (ZsRE token accuracy; locality against the base model's own continuations) or
             "probability" (CounterFact comparison; needs `target_true`).
-        tasks: general-ability tasks to run before and after (see `hf_edit_patch.evaluation.tasks.TASKS`).
+        tasks: general-ability tasks to run before and after (see `hf_edit_patch.evaluation.tasks.prompts.TASKS`).
         task_limit, task_data_dir, task_batch_size: as `limit`, `data_dir` and `batch_size` of `run_general_tasks`.
         locality_tokens, batch_size: as in `score_edits` / `locality_reference`.
         strict: raise instead of warning when the patch's fingerprints do not match the model's weights.

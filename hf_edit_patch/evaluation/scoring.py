@@ -1,4 +1,5 @@
-"""Did the edit take, does it generalize, and did it leave the rest alone: reliability, generalization, locality.
+"""Did the edit take, does it generalize, and did it leave the rest alone: reliability, generalization, locality
+of a model as it stands (`score_edits`), against the base model's `locality_reference`.
 
 Two scoring rules, as in the literature:
 
@@ -18,37 +19,30 @@ generalization (or locality); a metric no request can measure is `None`.
 
 Example:
     ```python
-    import json
-    import hf_edit_patch as hep
+    from hf_edit_patch.evaluation import locality_reference, score_edits
 
-    records = json.load(open("zsre_eval.json"))[:20]
-    requests = [hep.EditRequest.from_zsre(r) for r in records]
-    scores = hep.evaluation.evaluate_edits(model, tokenizer, requests, method="rome", keep_ratio=0.4,
-                                           mode="sequential", stats_dataset="wikitext")
+    reference = locality_reference(model, tokenizer, requests)  # before editing
+    pm = PatchedModel.from_pretrained(model, "out/eiffel")
+    scores = score_edits(pm, tokenizer, requests, reference=reference)
     scores["reliability"], scores["generalization"], scores["locality"]
     ```
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..batching import model_device, pad_batch, pad_id, target_token_ids
 from ..requests import EditRequest, as_requests
-from .divergence import _check_int
+from .checks import check_choice, check_int
 
-logger = logging.getLogger(__name__)
+__all__ = ["METRICS", "METRIC_KEYS", "LocalityReference", "locality_reference", "mean_or_none", "score_edits"]
 
-__all__ = ["LocalityReference", "evaluate_edits", "locality_reference", "score_edits"]
-
-MODES = ("single", "sequential", "batch")
 METRICS = ("accuracy", "probability")
 METRIC_KEYS = ("reliability", "generalization", "locality")
 
@@ -58,12 +52,6 @@ class LocalityReference:
     """The base model's greedy continuations of the neighborhood prompts, keyed by prompt."""
 
     tokens: dict[str, tuple[int, ...]]
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; accepted: {choices}")
-    return value
 
 
 def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
@@ -106,8 +94,8 @@ def locality_reference(
 ) -> LocalityReference:
     """Greedy continuations of the requests' neighborhood prompts by `model` (call it before editing)."""
     reqs = as_requests(requests)
-    _check_int("locality_tokens", locality_tokens, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int("locality_tokens", locality_tokens, 1)
+    check_int("batch_size", batch_size, 1)
     prompts = _neighborhood(reqs)
     contexts = {p: _prompt_ids(tokenizer, p) for p in prompts}
     tokens: dict[str, list[int]] = {p: [] for p in prompts}
@@ -119,7 +107,8 @@ def locality_reference(
     return LocalityReference({p: tuple(t) for p, t in tokens.items()})
 
 
-def _mean(values: list[float]) -> float | None:
+def mean_or_none(values: Sequence[float]) -> float | None:
+    """The mean of `values`, or None when there are none (a metric no request can measure)."""
     return sum(values) / len(values) if values else None
 
 
@@ -150,8 +139,8 @@ def score_edits(
         the prompts it needs.
     """
     reqs = as_requests(requests)
-    _check_choice("metric", metric, METRICS)
-    _check_int("batch_size", batch_size, 1)
+    check_choice("metric", metric, METRICS)
+    check_int("batch_size", batch_size, 1)
     if metric == "probability":
         missing = [i for i, r in enumerate(reqs) if not r.target_true]
         if missing:
@@ -203,137 +192,6 @@ def score_edits(
             new_wins = float(lp_new.mean()) > float(lp_true.mean())
             per_request[i][kind].append(float(new_wins if kind != "locality" else not new_wins))
 
-    details = [{k: _mean(v) for k, v in d.items()} for d in per_request]
-    scores = {k: _mean([d[k] for d in details if d[k] is not None]) for k in METRIC_KEYS}
-    return (scores, details) if return_details else scores
-
-
-def _groups(n: int, size: int) -> list[range]:
-    return [range(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def evaluate_edits(
-    model: nn.Module,
-    tokenizer: Any,
-    requests: Any,
-    *,
-    method: str = "rome",
-    keep_ratio: float | None = None,
-    regularizer: str | None = "rect",
-    hparams: Any = None,
-    mode: str = "single",
-    batch_size: int | None = None,
-    metric: str = "accuracy",
-    locality_tokens: int = 5,
-    eval_batch_size: int = 16,
-    return_details: bool = False,
-    show_progress: bool | None = None,
-    **edit_kwargs: Any,
-) -> dict[str, float | None] | tuple[dict[str, float | None], list[dict[str, Any]]]:
-    """Edits `model` with `requests`, scores the edits, and restores the model exactly.
-
-    Modes (the paper's settings):
-        - "single": each group of `batch_size` requests (default 1: instance editing) is edited into the
-          unedited model, scored, and taken off again.
-        - "batch": as "single" with `batch_size` defaulting to all requests (one batch edit).
-        - "sequential": the groups (default 1 request each) are edited one after another, each on top of the
-          previous ones; all requests are scored after the last edit.
-
-    Args:
-        model: a causal LM or a `PatchedModel` (edits stack on its active patches and are removed afterwards).
-        tokenizer: its tokenizer.
-        requests: `EditRequest`s or dicts (`EditRequest.from_zsre` / `from_counterfact` build them from records).
-        method, keep_ratio, regularizer, hparams: as in `hf_edit_patch.edit`.
-        mode: "single", "sequential" or "batch".
-        batch_size: requests per edit (see the modes).
-        metric: "accuracy" (ZsRE token accuracy) or "probability" (CounterFact comparison).
-        locality_tokens: tokens of the base model's continuation compared for locality (metric="accuracy").
-        eval_batch_size: sequences per forward pass while scoring.
-        return_details: also return per-request scores (with the edit group each request belonged to).
-        **edit_kwargs: passed to `hf_edit_patch.edit` (e.g. `stats_dataset`, `stats_cache`, `templates`).
-
-    Returns:
-        `{"reliability", "generalization", "locality"}` as fractions in [0, 1] (None where no request has the
-        prompts a metric needs).
-    """
-    from ..editing.update import edit as run_edit
-    from ..patched_model import PatchedModel
-
-    reqs = as_requests(requests)
-    _check_choice("mode", mode, MODES)
-    _check_choice("metric", metric, METRICS)
-    _check_int("locality_tokens", locality_tokens, 1)
-    _check_int("eval_batch_size", eval_batch_size, 1)
-    if batch_size is None:
-        batch_size = len(reqs) if mode == "batch" else 1
-    _check_int("batch_size", batch_size, 1)
-    if metric == "probability" and any(not r.target_true for r in reqs):
-        raise ValueError("metric='probability' needs target_true on every request; use metric='accuracy'")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or a PatchedModel, got {type(model).__name__}")
-
-    pm = model if getattr(model, "is_patched_model", False) else PatchedModel(model)
-    reference = (
-        locality_reference(pm, tokenizer, reqs, locality_tokens=locality_tokens, batch_size=eval_batch_size)
-        if metric == "accuracy"
-        else None
-    )
-    groups = _groups(len(reqs), batch_size)
-    added: list[str] = []
-    details: list[dict[str, Any]] = [{} for _ in reqs]
-    tag = f"_evaluate_edits_{id(reqs)}"
-
-    def edit_group(g: int, group: range) -> None:
-        name = f"{tag}_{g}"
-        patch = run_edit(
-            pm,
-            tokenizer,
-            [reqs[i] for i in group],
-            method=method,
-            keep_ratio=keep_ratio,
-            regularizer=regularizer,
-            hparams=hparams,
-            show_progress=False if show_progress is None else show_progress,
-            **edit_kwargs,
-        )
-        pm.add_patch(patch, name)
-        added.append(name)
-
-    def score(indices: Sequence[int]) -> None:
-        _, per = score_edits(
-            pm,
-            tokenizer,
-            [reqs[i] for i in indices],
-            metric=metric,
-            reference=reference,
-            batch_size=eval_batch_size,
-            return_details=True,
-        )
-        for i, d in zip(indices, per, strict=True):
-            details[i] = {"request": i, "group": i // batch_size, **d}
-
-    bar = tqdm(groups, desc=f"Editing ({mode})", unit="edit", disable=(show_progress is False) or None)
-    try:
-        for g, group in enumerate(bar):
-            edit_group(g, group)
-            if mode != "sequential":
-                score(group)
-                pm.remove_patch(added.pop())
-        if mode == "sequential":
-            score(range(len(reqs)))
-    finally:
-        bar.close()
-        for name in reversed(added):
-            pm.remove_patch(name)
-        if pm is not model:
-            pm.unload()
-
-    scores = {k: _mean([d[k] for d in details if d.get(k) is not None]) for k in METRIC_KEYS}
-    logger.info(
-        "%s edits (%s, %s): reliability %s, generalization %s, locality %s",
-        len(reqs),
-        method,
-        mode,
-        *(f"{scores[k]:.3f}" if scores[k] is not None else "n/a" for k in METRIC_KEYS),
-    )
+    details = [{k: mean_or_none(v) for k, v in d.items()} for d in per_request]
+    scores = {k: mean_or_none([d[k] for d in details if d[k] is not None]) for k in METRIC_KEYS}
     return (scores, details) if return_details else scores
