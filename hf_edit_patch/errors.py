@@ -25,3 +25,15 @@ class FingerprintMismatchError(PatchValidationError):
 
 class PatchNotFoundError(OSError):
     """A patch could be found neither in a local folder nor on the Hugging Face Hub."""
+
+
+class StatsError(PatchError):
+    """Invalid arguments or data for key statistics (a `ValueError`)."""
+
+
+class StatsUnavailableError(StatsError):
+    """No statistics are cached and there is no corpus to compute them from (or it cannot be reached)."""
+
+
+class StatsFormatError(StatsError):
+    """A corpus file, a statistics file or a statistics index is malformed or inconsistent."""

@@ -1,4 +1,6 @@
-"""Tests of `hf_edit_patch.editors.stats`: key statistics C = E[k kᵀ] for ROME / MEMIT, their cache and the Hub."""
+"""Key statistics C = E[k kᵀ] for ROME / MEMIT: their computation (`editors.second_moments`, `editors.sampled_text`),
+corpora, cache and Hub sharing (`hub.corpora`, `hub.stats_cache`, `hub.stats_sharing`), and the cached-or-computed
+entry point (`editing.statistics.get_second_moments`)."""
 
 from __future__ import annotations
 
@@ -20,24 +22,22 @@ import torch  # noqa: E402
 from conftest import make_gpt2, make_llama  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from hf_edit_patch.editors import stats  # noqa: E402
-from hf_edit_patch.editors.stats import (  # noqa: E402
-    StatsCache,
-    StatsError,
-    StatsFormatError,
-    StatsKey,
-    StatsUnavailableError,
-    TextSource,
+from hf_edit_patch.editing import statistics  # noqa: E402
+from hf_edit_patch.editing.statistics import get_second_moments  # noqa: E402
+from hf_edit_patch.editors.sampled_text import model_sampled_texts  # noqa: E402
+from hf_edit_patch.editors.second_moments import (  # noqa: E402
     compute_second_moments,
-    get_second_moments,
-    load_stats_from_hub,
-    load_texts,
-    model_sampled_texts,
-    push_stats_to_hub,
+    estimate_second_moments,
+    plan_passes,
 )
-from hf_edit_patch.hub import default_model as models
-from hf_edit_patch.hub import push as hub_push
-from hf_edit_patch.hub import resolve as hub
+from hf_edit_patch.errors import StatsError, StatsFormatError, StatsUnavailableError  # noqa: E402
+from hf_edit_patch.hub import default_model as models  # noqa: E402
+from hf_edit_patch.hub import push as hub_push  # noqa: E402
+from hf_edit_patch.hub import resolve as hub  # noqa: E402
+from hf_edit_patch.hub.corpora import TextSource, load_texts  # noqa: E402
+from hf_edit_patch.hub.nullspace import NULLSPACE_DIR, EigenCache  # noqa: E402
+from hf_edit_patch.hub.stats_cache import StatsCache, StatsKey  # noqa: E402
+from hf_edit_patch.hub.stats_sharing import load_stats_from_hub, push_stats_to_hub  # noqa: E402
 
 BOOLQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks" / "boolq_dev.jsonl"
 LLAMA_MODULES = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
@@ -178,7 +178,7 @@ def test_padding_is_excluded_and_tokens_are_counted_exactly(tokenizer, tmp_path)
         for name in LLAMA_MODULES:
             torch.testing.assert_close(other[name], results[0][name], rtol=1e-5, atol=1e-6)
 
-    _, count = stats._compute(
+    _, count = estimate_second_moments(
         model,
         tokenizer,
         LLAMA_MODULES[:1],
@@ -204,7 +204,7 @@ def test_small_max_bytes_runs_several_passes_with_identical_results(tokenizer):
     assert list(several) == LLAMA_MODULES
     assert all(torch.equal(several[name], one_pass[name]) for name in LLAMA_MODULES)
     widths = dict.fromkeys(LLAMA_MODULES[:2], 48) | {LLAMA_MODULES[2]: 32}
-    assert stats._plan_passes(model, widths, 2 * 48 * 48 * 4) == [
+    assert plan_passes(model, widths, 2 * 48 * 48 * 4) == [
         ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"],  # forward order, not the order asked
         ["model.layers.1.mlp.down_proj"],
     ]
@@ -286,6 +286,18 @@ def test_text_source_fingerprint_follows_content(tmp_path: Path):
     assert wikitext.fingerprint() == "hf-dataset:Salesforce/wikitext:wikitext-103-raw-v1@train"
     saved = TextSource(tmp_path, split="validation")  # a folder: a dataset saved for `datasets.load_dataset`
     assert not saved.is_local and saved.fingerprint() == f"hf-dataset:{tmp_path}@validation"
+
+
+def test_a_text_source_is_an_iterable_corpus(tokenizer, corpus):
+    model = make_llama()
+    source = TextSource(corpus)
+    assert list(source) == source.take(None) == [t for t in _texts() if t.strip()]
+    options = {"max_length": MAX_LENGTH, "batch_size": 4, "show_progress": False, "sample_count": 5}
+    from_source = compute_second_moments(model, tokenizer, LLAMA_MODULES[:1], source, **options)
+    from_list = compute_second_moments(model, tokenizer, LLAMA_MODULES[:1], _texts()[:5], **options)
+    assert torch.equal(from_source[LLAMA_MODULES[0]], from_list[LLAMA_MODULES[0]])
+    with pytest.raises(StatsError, match="texts must be an iterable of strings, got str"):
+        compute_second_moments(model, tokenizer, LLAMA_MODULES[:1], "w1 w2", show_progress=False)
 
 
 def test_dataset_id_without_datasets_package_says_what_to_do(monkeypatch: pytest.MonkeyPatch):
@@ -373,10 +385,30 @@ def test_cache_validates_what_it_stores_and_reads(tmp_path, monkeypatch, caplog)
     entry = cache.put(key, torch.eye(4), count=3, info={"note": "x"})
     assert entry.path == cache.path(key) and torch.equal(cache.get(key), torch.eye(4))
     shutil.copyfile(entry.path, cache.path(other))  # a file under another key's name is not that key's statistics
-    with caplog.at_level(logging.WARNING, logger="hf_edit_patch.editors.stats"):
+    with caplog.at_level(logging.WARNING, logger="hf_edit_patch.hub.stats_cache"):
         assert cache.get(other) is None and cache.entry(other) is None
         assert [e.key for e in cache.entries()] == [key]
     assert "holds the statistics of" in caplog.text
+
+
+def test_eigen_cache_round_trip_and_invalid_files_are_ignored(tmp_path, caplog):
+    stats_cache = StatsCache(tmp_path / "stats")
+    eigen = EigenCache(stats_cache)
+    key = StatsKey("org/model", None, "model.layers.0.mlp.down_proj", "file:c.txt@sha256:00", "", 10, 8)
+    other = dataclasses.replace(key, sample_count=11)
+    values, vectors = torch.linalg.eigh(torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64)))
+    assert eigen.get(key, 4) is None
+    path = eigen.put(key, values, vectors.float())
+    assert path == tmp_path / "stats" / NULLSPACE_DIR / key.filename() == eigen.path(key)
+    found = eigen.get(key, 4)
+    assert torch.equal(found[0], values) and torch.equal(found[1], vectors.float())
+    with caplog.at_level(logging.WARNING, logger="hf_edit_patch.hub.nullspace"):
+        assert eigen.get(key, 5) is None  # another width: not this module's decomposition
+        shutil.copyfile(path, eigen.path(other))
+        assert eigen.get(other, 4) is None  # a file under another key's name
+        eigen.path(other).write_bytes(b"garbage")
+        assert eigen.get(other, 4) is None
+    assert "does not hold the eigendecomposition" in caplog.text and "unreadable null-space file" in caplog.text
 
 
 def test_cache_hit_does_not_recompute_and_files_carry_the_key(tokenizer, corpus, tmp_path, monkeypatch):
@@ -408,7 +440,7 @@ def test_cache_hit_does_not_recompute_and_files_carry_the_key(tokenizer, corpus,
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(stats, "_compute", fail)
+    monkeypatch.setattr(statistics, "estimate_second_moments", fail)
     second = get_second_moments(model, tokenizer, LLAMA_MODULES, show_progress=False, **options)
     assert all(torch.equal(second[name], first[name]) for name in LLAMA_MODULES)
 
@@ -419,13 +451,13 @@ def test_only_missing_modules_are_computed(tokenizer, corpus, tmp_path, monkeypa
     options = {"stats_dataset": corpus, "cache": cache, "model_id": "tiny/llama", "show_progress": False}
     get_second_moments(model, tokenizer, LLAMA_MODULES[:1], **options)
     computed = []
-    real = stats._compute
+    real = estimate_second_moments
 
     def spy(model, tokenizer, module_names, *args, **kwargs):
         computed.append(list(module_names))
         return real(model, tokenizer, module_names, *args, **kwargs)
 
-    monkeypatch.setattr(stats, "_compute", spy)
+    monkeypatch.setattr(statistics, "estimate_second_moments", spy)
     result = get_second_moments(model, tokenizer, LLAMA_MODULES, **options)
     assert computed == [LLAMA_MODULES[1:]]  # one pass for the two missing modules
     assert list(result) == LLAMA_MODULES and len(cache.entries()) == 3
@@ -444,7 +476,7 @@ def test_invalid_cache_file_is_recomputed(tokenizer, corpus, tmp_path, caplog):
     first = get_second_moments(model, tokenizer, LLAMA_MODULES[:1], **options)
     (entry,) = cache.entries()
     entry.path.write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="hf_edit_patch.editors.stats"):
+    with caplog.at_level(logging.WARNING, logger="hf_edit_patch.hub.stats_cache"):
         again = get_second_moments(model, tokenizer, LLAMA_MODULES[:1], **options)
     assert "ignoring the invalid statistics file" in caplog.text
     assert torch.equal(again[LLAMA_MODULES[0]], first[LLAMA_MODULES[0]])
@@ -453,7 +485,7 @@ def test_invalid_cache_file_is_recomputed(tokenizer, corpus, tmp_path, caplog):
 
 def test_model_without_id_is_not_cached(tokenizer, corpus, tmp_path, caplog):
     cache = StatsCache(tmp_path / "stats")
-    with caplog.at_level(logging.WARNING, logger="hf_edit_patch.editors.stats"):
+    with caplog.at_level(logging.WARNING, logger="hf_edit_patch.editing.statistics"):
         result = get_second_moments(
             make_llama(), tokenizer, LLAMA_MODULES[:1], stats_dataset=corpus, cache=cache, show_progress=False
         )
@@ -462,7 +494,9 @@ def test_model_without_id_is_not_cached(tokenizer, corpus, tmp_path, caplog):
 
 
 def test_no_corpus_fails_fast_and_says_how_to_provide_one(tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(stats, "_compute", lambda *a, **k: pytest.fail("must fail before computing"))
+    monkeypatch.setattr(
+        statistics, "estimate_second_moments", lambda *a, **k: pytest.fail("must fail before computing")
+    )
     with pytest.raises(StatsUnavailableError) as info:
         get_second_moments(make_llama(), tokenizer, LLAMA_MODULES, cache=StatsCache(tmp_path), model_id="tiny/llama")
     message = str(info.value)
@@ -524,7 +558,7 @@ def test_boolq_passages_integration(tokenizer, tmp_path):
 
 @pytest.fixture
 def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """An `HfApi` whose uploads land in tmp_path/hub/<repo>/main, and an `hf_hub_download` serving them."""
+    """An `HfApi` whose uploads land in tmp_path/hub/<repo>/<branch>, and an `hf_hub_download` serving them."""
     root = tmp_path / "hub"
     calls: list[tuple[str, dict]] = []
 
@@ -536,9 +570,13 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
             (root / repo_id / "main").mkdir(parents=True, exist_ok=True)
 
+        def create_branch(self, repo_id, *, branch, **kwargs):
+            calls.append(("create_branch", {"repo_id": repo_id, "branch": branch, **kwargs}))
+            shutil.copytree(root / repo_id / "main", root / repo_id / branch, dirs_exist_ok=True)
+
         def upload_folder(self, *, repo_id, folder_path, **kwargs):
             calls.append(("upload_folder", {"repo_id": repo_id, "files": sorted(os.listdir(folder_path)), **kwargs}))
-            shutil.copytree(folder_path, root / repo_id / "main", dirs_exist_ok=True)
+            shutil.copytree(folder_path, root / repo_id / (kwargs.get("revision") or "main"), dirs_exist_ok=True)
             return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/1")
 
     def fake_download(repo_id, filename, subfolder=None, revision=None, **kwargs):
@@ -628,6 +666,27 @@ def test_load_rejects_tampered_files_before_storing_anything(tokenizer, corpus, 
         load_stats_from_hub("me/stats", cache=fresh)
     with pytest.raises(hub.PatchNotFoundError, match="no Hub repo"):
         load_stats_from_hub("me/none", cache=fresh)
+
+
+def test_push_options_reach_the_branch_the_index_and_the_card(tokenizer, corpus, tmp_path, fake_hub):
+    root, calls = fake_hub
+    cache = StatsCache(tmp_path / "stats")
+    options = {"stats_dataset": corpus, "cache": cache, "model_id": "t/l", "show_progress": False}
+    get_second_moments(make_llama(), tokenizer, LLAMA_MODULES[:1], **options)
+    push_stats_to_hub(cache, cache.entries(), "me/stats")
+    get_second_moments(make_llama(), tokenizer, LLAMA_MODULES[1:2], **options)
+    second = [e for e in cache.entries() if e.key.module == LLAMA_MODULES[1]]
+    push_stats_to_hub(cache, second, "me/stats", revision="v2", license="apache-2.0")
+    upload = [c for name, c in calls if name == "upload_folder"][-1]
+    assert upload["revision"] == "v2" and upload["commit_message"].startswith("Upload key statistics of 1 module")
+    assert "license: apache-2.0\n" in (root / "me/stats/v2/README.md").read_text()
+    assert "license:" not in (root / "me/stats/main/README.md").read_text()
+    fresh = StatsCache(tmp_path / "fresh")
+    loaded = load_stats_from_hub("me/stats", revision="v2", cache=fresh)
+    assert sorted(e.key.module for e in loaded) == sorted(LLAMA_MODULES[:2])  # the branch's index kept main's entry
+    assert len(load_stats_from_hub("me/stats", cache=StatsCache(tmp_path / "main"))) == 1
+    with pytest.raises(TypeError, match="unknown push option"):
+        push_stats_to_hub(cache, second, "me/stats", privat=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
