@@ -134,7 +134,7 @@ def load(args):
 
 
 def stats_kwargs(args) -> dict:
-    from hf_edit_patch.editors.stats import StatsCache
+    from hf_edit_patch.hub.stats_cache import StatsCache
 
     cache = StatsCache(args.stats_cache) if args.stats_cache else StatsCache()
     if BOOLQ.is_file():
@@ -143,7 +143,7 @@ def stats_kwargs(args) -> dict:
 
 
 def new_beats_old(model, tok, req: dict) -> bool:
-    from hf_edit_patch.editors.common import target_logprob
+    from hf_edit_patch.editors.prompts import target_logprob
 
     text = req["prompt"].format(req["subject"])
     return target_logprob(model, tok, text, req["target_new"]) > target_logprob(model, tok, text, req["target_true"])
@@ -158,8 +158,8 @@ def sync(args) -> None:
 
 def instrument(args) -> dict[str, float]:
     """Wraps the stages of an edit (statistics, contexts, keys, value optimization, solve) with timers."""
-    import hf_edit_patch.editing.update as editing
-    from hf_edit_patch.editors import memit, rome
+    import hf_edit_patch.editing.inputs as editing
+    from hf_edit_patch.editors import prompts, rome, spread
 
     spent: dict[str, float] = {}
 
@@ -180,9 +180,9 @@ def instrument(args) -> dict[str, float]:
         setattr(module, name, wrapper)
 
     timed(editing, "get_second_moments", "statistics (cached load)")
-    for mod in (rome, memit):
+    timed(prompts, "keys_at", "keys")
+    for mod in (rome, spread):
         timed(mod, "context_templates", "context sampling")
-        timed(mod, "keys_at", "keys")
         timed(mod, "optimize_value", "value optimization")
         timed(mod, "input_output_at", "keys")
         timed(mod, "solve_left", "C^-1 k solve")
@@ -196,10 +196,11 @@ def run_case(args) -> dict:
     out = {"case": args.one_case, "load_s": time.perf_counter() - t0, "baseline_rss_mb": peak_rss_mb()}
     out["rss_after_load_mb"] = rss_now_mb()
     import hf_edit_patch as hep
+    from hf_edit_patch.editing.statistics import get_second_moments
     from hf_edit_patch.editors import memit, rome
-    from hf_edit_patch.editors.architectures import default_rome_layer, get_arch
+    from hf_edit_patch.editors.architectures import get_arch
     from hf_edit_patch.editors.hparams import MemitHParams, RomeHParams
-    from hf_edit_patch.editors.stats import get_second_moments
+    from hf_edit_patch.editors.layers import default_rome_layer
 
     skw = stats_kwargs(args)
     mom2 = {"mom2_n_samples": args.mom2_n_samples} if args.mom2_n_samples else {}

@@ -67,7 +67,7 @@ def facts(n_capitals: int) -> list[dict]:
 
 
 def beats(model, tok, text: str, a: str, b: str) -> bool:
-    from hf_edit_patch.editors.common import target_logprob
+    from hf_edit_patch.editors.prompts import target_logprob
 
     return target_logprob(model, tok, text, a) > target_logprob(model, tok, text, b)
 
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     import hf_edit_patch as hep
-    from hf_edit_patch.editors.stats import StatsCache, get_second_moments
+    from hf_edit_patch.editing.statistics import get_second_moments
+    from hf_edit_patch.hub.stats_cache import StatsCache
 
     model, tok = hep.load_default_model()
     model.eval()

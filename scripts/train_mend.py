@@ -3,7 +3,8 @@
 The editor trains on records [train_start, train_end) of the file; reliability, generalization and locality are
 measured with `hf_edit_patch.evaluation.evaluate_edits` (ZsRE token accuracy, one edit at a time) on the disjoint
 records [eval_start, eval_end), for the untrained editor (the identity network: a normalized gradient step) and for
-the trained one. The trained editor is saved with `save_pretrained` (and can be pushed with `--push-to-hub`).
+the trained one. The trained editor is saved with `hf_edit_patch.hub.mend.save_mend_editor` (and can be pushed with
+`--push-to-hub`).
 
 Usage:
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_mend.py --data ../shared/data/editing/zsre_eval.json \
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import hf_edit_patch as hep
     from hf_edit_patch.editors import mend
     from hf_edit_patch.evaluation import evaluate_edits
+    from hf_edit_patch.hub.mend import push_mend_editor, save_mend_editor
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"| {label} | {steps} | {reg} | {cells} | {t_train:.0f} | {t_eval:.0f} |")
     if args.output:
-        editor.save_pretrained(args.output)
+        save_mend_editor(editor, args.output)
         print(f"\nsaved the trained editor to {args.output}")
     if args.push_to_hub:
-        editor.push_to_hub(args.push_to_hub)
+        push_mend_editor(editor, args.push_to_hub)
         print(f"pushed the trained editor to {args.push_to_hub}")
     return 0
 

@@ -1,4 +1,5 @@
-"""The architecture registry (`hf_edit_patch.editors.architectures`), checked on a tiny model of every entry."""
+"""The architecture registry (`hf_edit_patch.editors.architectures`, `arch_spec`, `layers`), checked on a tiny model of
+every entry."""
 
 from __future__ import annotations
 
@@ -25,15 +26,11 @@ from transformers import (
     Qwen3Config,
 )
 
-from hf_edit_patch.editors.architectures import (
-    ARCHITECTURES,
-    ArchitectureError,
-    ArchSpec,
-    LayerDefaults,
-    UnsupportedArchitectureError,
+from hf_edit_patch.editors.arch_spec import ArchitectureError, ArchSpec, LayerDefaults, UnsupportedArchitectureError
+from hf_edit_patch.editors.architectures import ARCHITECTURES, get_arch
+from hf_edit_patch.editors.layers import (
     default_memit_layers,
     default_rome_layer,
-    get_arch,
     hidden_size,
     mlp_out_name,
     mlp_width,

@@ -277,12 +277,12 @@ def test_demo_runs_on_a_tiny_model(work, tmp_path, monkeypatch, capsys):
 
 
 def test_runtime_failures_exit_1_and_verbose_shows_the_traceback(work, monkeypatch, capsys):
-    import hf_edit_patch.editing.update
+    import hf_edit_patch.editing.entry
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(hf_edit_patch.editing.update, "edit", broken)
+    monkeypatch.setattr(hf_edit_patch.editing.entry, "edit", broken)
     argv = ["edit", "--model", work.model, *EIFFEL, "-o", str(work.root / "never")]
     assert main(argv) == 1
     assert capsys.readouterr().err.strip().endswith("error: RuntimeError: out of memory")

@@ -3,6 +3,8 @@ and the new target's probability rises where it should."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import assert_state_equal, snapshot
@@ -11,7 +13,7 @@ from tokenizers.models import WordLevel
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import hf_edit_patch as hep
-from hf_edit_patch.editors import memit, rome
+from hf_edit_patch.editors import memit, rome, spread
 from hf_edit_patch.editors.architectures import get_arch
 from hf_edit_patch.editors.hparams import MemitHParams, RomeHParams
 
@@ -140,7 +142,7 @@ REQ = hep.EditRequest(
 
 
 def module_output_at_subject(model, tok, name, req):
-    from hf_edit_patch.editors.common import input_output_at
+    from hf_edit_patch.editors.prompts import input_output_at
 
     return input_output_at(model, tok, name, req.prompt, req.subject)
 
@@ -168,7 +170,9 @@ def test_rome_update_writes_the_optimized_value_and_leaves_the_model_unchanged(a
 
 @pytest.mark.parametrize("arch", ["llama"])  # a random 4-layer GPT-2 barely routes the subject to the last token
 def test_value_optimization_lowers_the_target_nll(arch, tok):
-    from hf_edit_patch.editors.common import applying, btd, context_templates, optimize_value, subject_last_index
+    from hf_edit_patch.editors.hooks import applying, btd
+    from hf_edit_patch.editors.prompts import context_templates, subject_last_index
+    from hf_edit_patch.editors.value import optimize_value
 
     model = MODELS[arch](tok)
     name = get_arch(model).mlp_out.format(1)
@@ -198,7 +202,7 @@ def test_rome_several_requests_are_sequential_rank_one_terms(tok, monkeypatch):
     targets = {}
 
     def fake_value(model_, tok_, req, module, contexts, hp, edits=None, desc=""):
-        from hf_edit_patch.editors.common import input_output_at
+        from hf_edit_patch.editors.prompts import input_output_at
 
         _, v = input_output_at(model_, tok_, module, req.prompt, req.subject, edits)
         targets[req.subject] = v + 0.5
@@ -232,7 +236,7 @@ def test_rome_with_second_moment_uses_it(tok):
 
 @pytest.mark.parametrize("arch", MODELS)
 def test_memit_closes_the_residual_gap_at_the_last_layer(arch, tok, monkeypatch):
-    from hf_edit_patch.editors.common import input_output_at
+    from hf_edit_patch.editors.prompts import input_output_at
 
     model = MODELS[arch](tok)
     base = snapshot(model)
@@ -252,7 +256,7 @@ def test_memit_closes_the_residual_gap_at_the_last_layer(arch, tok, monkeypatch)
         targets[req.subject] = z + 0.3 * z.norm() / z.numel() ** 0.5
         return z, targets[req.subject]
 
-    monkeypatch.setattr(memit, "optimize_value", fake_value)
+    monkeypatch.setattr(spread, "optimize_value", fake_value)
     width = model.get_submodule(spec.mlp_out.format(1)).weight.shape[1 if spec.layout == "linear" else 0]
     moments = {spec.mlp_out.format(i): torch.eye(width) for i in layers}
     hp = MemitHParams(layers=layers, mom2_update_weight=1e-4, **{**FAST, "n_context_templates": 0})
@@ -267,7 +271,7 @@ def test_memit_closes_the_residual_gap_at_the_last_layer(arch, tok, monkeypatch)
 
 
 def base_z(model, pm, tok, block, req):
-    from hf_edit_patch.editors.common import input_output_at
+    from hf_edit_patch.editors.prompts import input_output_at
 
     with pm.disable_patches():
         return input_output_at(model, tok, block, req.prompt, req.subject)[1]
@@ -334,7 +338,9 @@ def test_bad_requests_and_methods_are_clear_errors(tok):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_checkpointed_blocks_give_the_same_value_and_are_restored(arch, tok):
-    from hf_edit_patch.editors.common import checkpointed_from, context_templates, optimize_value
+    from hf_edit_patch.editors.hooks import checkpointed_from
+    from hf_edit_patch.editors.prompts import context_templates
+    from hf_edit_patch.editors.value import optimize_value
 
     model = MODELS[arch](tok)
     name = get_arch(model).mlp_out.format(1)
@@ -364,3 +370,45 @@ def test_head_only_at_returns_the_full_logits_at_the_chosen_positions(tok):
     assert torch.allclose(picked[0], full[rows, cols], atol=1e-6)
     with torch.no_grad():
         assert model(input_ids=ids).logits.shape == full.shape  # hook removed
+
+
+def test_methods_come_from_the_editor_registry_and_the_cli_offers_them_all():
+    from hf_edit_patch.cli import build_parser
+    from hf_edit_patch.editing import METHODS
+    from hf_edit_patch.editors.registry import get_editor
+
+    assert set(METHODS) == {"alphaedit", "ft", "kn", "memit", "mend", "rome"}
+    assert get_editor("memit").hparams is MemitHParams
+    edit_parser = build_parser()._subparsers._group_actions[0].choices["edit"]
+    (method,) = [a for a in edit_parser._actions if a.dest == "method"]
+    assert set(method.choices) == set(METHODS)
+    with pytest.raises(ValueError, match=r"unknown editing method 'magic'; accepted: \('alphaedit', 'ft', "):
+        get_editor("magic")
+
+
+def test_a_registered_editor_gets_its_declared_inputs_and_records_its_output(tok, monkeypatch):
+    from hf_edit_patch.editing import compute_update
+    from hf_edit_patch.editors import registry
+
+    model = llama4(tok)
+    seen = {}
+
+    def needs(model_, hp, spec):
+        return registry.EditorNeeds(parent_requests=True)
+
+    def resolve(model_, hp, spec):
+        return dataclasses.replace(hp, layer=2)
+
+    def compute(model_, tok_, reqs, hp, spec, inputs, *, show_progress=None):
+        seen.update(layer=hp.layer, parents=inputs.parent_requests, stats=inputs.second_moments)
+        name = spec.mlp_out.format(hp.layer)
+        return registry.EditorOutput({name: torch.ones(model_.get_submodule(name).weight.shape)}, {"note": "hi"})
+
+    monkeypatch.setattr(registry, "_EDITORS", dict(registry._EDITORS))
+    registry.register_editor(registry.EditorSpec("toy", RomeHParams, compute, needs=needs, resolve=resolve))
+    update = compute_update(model, tok, [REQ], method="toy")
+    assert seen == {"layer": 2, "parents": [], "stats": None}
+    assert list(update.deltas) == ["model.layers.2.mlp.down_proj"]
+    assert update.record["layer"] == 2 and update.record["note"] == "hi" and "stats_dataset" not in update.record
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_editor(registry.EditorSpec("toy", RomeHParams, compute))

@@ -11,11 +11,13 @@ from conftest import assert_state_equal, snapshot
 from test_editors import FAST, MODELS, REQ, gpt2_4, llama4, target_logprob, tiny_tokenizer
 
 import hf_edit_patch as hep
-from hf_edit_patch.editors import alphaedit, kn, memit, mend
+from hf_edit_patch.editors import alphaedit, kn, memit, mend, spread
 from hf_edit_patch.editors.architectures import get_arch
-from hf_edit_patch.editors.common import input_output_at
 from hf_edit_patch.editors.hparams import AlphaEditHParams, KNHParams, MemitHParams
-from hf_edit_patch.editors.stats import StatsCache
+from hf_edit_patch.editors.prompts import input_output_at
+from hf_edit_patch.hub.mend import CONFIG_NAME, WEIGHTS_NAME, load_mend_editor, save_mend_editor
+from hf_edit_patch.hub.nullspace import NULLSPACE_DIR
+from hf_edit_patch.hub.stats_cache import StatsCache
 
 REQS = [
     REQ,
@@ -81,8 +83,7 @@ def test_alphaedit_update_is_orthogonal_to_the_preserved_keys(arch, tok, monkeyp
     c = preserved.T @ preserved / preserved.shape[0] + 1e-2 * torch.eye(d, dtype=torch.float64)
     values, vectors = alphaedit.eigendecompose(c)
     projections = {n: alphaedit.projection(values, vectors, 5e-2) for n in names}
-    targets = fake_targets(monkeypatch, alphaedit)
-    fake_targets(monkeypatch, memit)
+    targets = fake_targets(monkeypatch, spread)
     hp = AlphaEditHParams(layers=layers, l2=1e-4, **{**FAST, "n_context_templates": 0})
     deltas = alphaedit.alphaedit_deltas(model, tok, REQS, hp, spec, projections)
     assert_state_equal(model, base)
@@ -121,11 +122,11 @@ def test_alphaedit_previous_keys_are_disturbed_less(tok, monkeypatch):
     spec = get_arch(model)
     names = [spec.mlp_out.format(i) for i in (1, 2)]
     projections = {n: torch.eye(96, dtype=torch.float64) for n in names}
-    fake_targets(monkeypatch, alphaedit)
+    fake_targets(monkeypatch, spread)
     hp = AlphaEditHParams(layers=[1, 2], l2=1.0, **hp_fast())
     plain = alphaedit.alphaedit_deltas(model, tok, REQS[1:], hp, spec, projections)
     kept = alphaedit.alphaedit_deltas(model, tok, REQS[1:], hp, spec, projections, previous=[REQ])
-    from hf_edit_patch.editors.common import keys_at
+    from hf_edit_patch.editors.prompts import keys_at
 
     for name in names:
         key = keys_at(model, tok, name, [REQ.prompt], REQ.subject)[0]
@@ -150,7 +151,7 @@ def test_alphaedit_projection_is_cached_and_reused(tok, tmp_path, monkeypatch):
     hp = {**FAST, "layers": [1, 2], "mom2_n_samples": 5, "mom2_max_length": 16}
     first = hep.edit(model, tok, [REQ], method="alphaedit", hparams=hp, **args)
     assert len(calls) == 2
-    assert sorted(p.name for p in (tmp_path / "stats" / alphaedit.NULLSPACE_DIR).iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "stats" / NULLSPACE_DIR).iterdir()) == sorted(
         e.path.name for e in cache.entries()
     )  # next to the second moments, under the same keys
     second = hep.edit(model, tok, [REQ], method="alphaedit", hparams=hp, **args)
@@ -317,13 +318,9 @@ def test_mend_training_lowers_the_edit_loss_on_held_out_records(tok, mend_pair):
 
 def test_mend_save_load_round_trip_is_exact(tok, mend_pair, tmp_path):
     model, _, trained, held_out = mend_pair
-    trained.save_pretrained(tmp_path / "editor")
-    assert sorted(p.name for p in (tmp_path / "editor").iterdir()) == [
-        "README.md",
-        mend.CONFIG_NAME,
-        mend.WEIGHTS_NAME,
-    ]
-    loaded = mend.MendEditor.from_pretrained(tmp_path / "editor")
+    save_mend_editor(trained, tmp_path / "editor")
+    assert sorted(p.name for p in (tmp_path / "editor").iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+    loaded = load_mend_editor(tmp_path / "editor")
     assert loaded.config == trained.config
     state, other = trained.state_dict(), loaded.state_dict()
     assert state.keys() == other.keys() and all(torch.equal(state[k], other[k]) for k in state)

@@ -9,9 +9,9 @@ import pytest
 from conftest import assert_state_equal, snapshot
 
 import hf_edit_patch as hep
-from hf_edit_patch.editors.common import target_logprob
-from hf_edit_patch.editors.stats import StatsCache
+from hf_edit_patch.editors.prompts import target_logprob
 from hf_edit_patch.hub import default_model as models
+from hf_edit_patch.hub.stats_cache import StatsCache
 
 pytestmark = [
     pytest.mark.slow,
@@ -117,7 +117,7 @@ def one_thread():
 
 
 def test_alphaedit_batch_lands_and_spares_the_preserved_keys(smol, stats_args, one_thread):
-    from hf_edit_patch.editors import alphaedit
+    from hf_edit_patch.editing.statistics import null_space_projections
 
     model, tok = smol
     capitals = list(CAPITALS.values())[:4]
@@ -132,7 +132,7 @@ def test_alphaedit_batch_lands_and_spares_the_preserved_keys(smol, stats_args, o
     assert wins >= 3 and kept, f"{wins}/4 edits succeeded, neighbour kept: {kept}"
     # ΔW lives in the null space: ΔW = ΔW P, so ΔW k = 0 for keys in the span of the preserved ones
     name = "model.layers.6.mlp.down_proj"
-    p = alphaedit.null_space_projections(
+    p = null_space_projections(
         model,
         tok,
         [name],

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ..editing.update import edit
+from ..editing.entry import edit
 from ..hub.default_model import load_default_model
 from ..modules import model_source
 from ..patch.encoding import raw_bytes

@@ -118,8 +118,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- edit
 def run_edit(args: argparse.Namespace) -> int:
-    from ..editing.update import edit
-    from ..editors.stats import StatsCache
+    from ..editing.entry import edit
+    from ..hub.stats_cache import StatsCache
 
     requests = read_requests(args, required=True)
     hparams = json_object(args.hparams, "--hparams")

@@ -6,6 +6,7 @@ modified: the trainable ΔW acts through a forward hook.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -14,9 +15,11 @@ from tqdm.auto import tqdm
 
 from ..batching import model_device, pad_batch, pad_id, target_token_ids
 from ..requests import EditRequest
-from .architectures import ArchSpec, default_rome_layer, mlp_out_name
-from .common import applying, frozen_weights
+from .arch_spec import ArchSpec
+from .hooks import applying, frozen_weights
 from .hparams import FTHParams
+from .layers import default_rome_layer, mlp_out_name
+from .registry import EditorInputs, EditorOutput, EditorSpec, register_editor
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +74,14 @@ def ft_deltas(
                 delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
     logger.info("FT on %s: target NLL %.4f", name, nll.item())
     return {name: delta.detach()}
+
+
+def _resolve(model: nn.Module, hp: FTHParams, spec: ArchSpec) -> FTHParams:
+    return hp if hp.layer is not None else dataclasses.replace(hp, layer=default_rome_layer(model, spec))
+
+
+def _compute(model, tokenizer, requests, hp: FTHParams, spec, inputs: EditorInputs, *, show_progress=None):
+    return EditorOutput(ft_deltas(model, tokenizer, requests, hp, spec, show_progress=show_progress))
+
+
+register_editor(EditorSpec("ft", FTHParams, _compute, resolve=_resolve))

@@ -1,6 +1,6 @@
 """Hyperparameters of the editors: dataclasses with help text, validated once in `__post_init__`.
 
-Fields left at `None` are filled per architecture (`editors.architectures`) when the edit runs.
+Fields left at `None` are filled per model (`editors.layers`: the architecture's default layers) when the edit runs.
 
 Example:
     ```python
@@ -247,7 +247,10 @@ class MendHParams(_Base):
 
     editor: Any = field(
         default=None,
-        metadata={"help": "A trained `MendEditor`, or a folder or Hub repo id written by its save_pretrained."},
+        metadata={
+            "help": "A trained `MendEditor`, or a folder or Hub repo id written by "
+            "hf_edit_patch.hub.mend.save_mend_editor."
+        },
     )
     revision: str | None = field(default=None, metadata={"help": "Revision of a Hub editor."})
 

@@ -23,6 +23,7 @@ through the signed activations of gated MLPs). ΔW is nonzero in those columns o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from typing import Any
@@ -34,9 +35,11 @@ from tqdm.auto import tqdm
 from ..batching import head_only_at, model_device, target_token_ids
 from ..modules import weight_layout
 from ..requests import EditRequest
-from .architectures import ArchSpec, mlp_out_name, num_layers
-from .common import btd, frozen_weights
+from .arch_spec import ArchSpec
+from .hooks import btd, frozen_weights
 from .hparams import KNHParams
+from .layers import mlp_out_name, num_layers
+from .registry import EditorInputs, EditorOutput, EditorSpec, register_editor
 from .tracing import TraceDict
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ __all__ = ["attribution_scores", "kn_deltas", "select_neurons", "target_modules"
 
 
 def attributed_layers(model: nn.Module, hp: KNHParams, spec: ArchSpec) -> list[int]:
+    """`hp.layers`, else the upper half of the model's layers."""
     if hp.layers is not None:
         return list(hp.layers)
     n = num_layers(model, spec)
@@ -174,3 +178,15 @@ def kn_deltas(
             "KN found no knowledge neurons for any request (no positive attribution); try more layers or steps"
         )
     return deltas, record
+
+
+def _resolve(model: nn.Module, hp: KNHParams, spec: ArchSpec) -> KNHParams:
+    return dataclasses.replace(hp, layers=attributed_layers(model, hp, spec))
+
+
+def _compute(model, tokenizer, requests, hp: KNHParams, spec, inputs: EditorInputs, *, show_progress=None):
+    deltas, neurons = kn_deltas(model, tokenizer, requests, hp, spec, show_progress=show_progress)
+    return EditorOutput(deltas, {"neurons": neurons})
+
+
+register_editor(EditorSpec("kn", KNHParams, _compute, resolve=_resolve))

@@ -2,7 +2,7 @@
 
 For a request, the key k* is the projection's input at the subject's last token, averaged over short prefix
 contexts; the value v* is the output that makes the model produce the new target (see
-`common.optimize_value`). With C = E[k kᵀ] over a text corpus (the second-moment adjustment), the update
+`value.optimize_value`). With C = E[k kᵀ] over a text corpus (the second-moment adjustment), the update
 
     ΔW = (v* − W k) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k),   k, W k: input and output on the bare prompt,
 
@@ -13,6 +13,7 @@ modified), and the rank-one updates are returned factored, summed only when a re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -20,20 +21,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..requests import EditRequest
-from .architectures import ArchSpec, default_rome_layer, mlp_out_name
-from .common import Edits, compose, context_templates, input_output_at, keys_at, optimize_value
+from .arch_spec import ArchSpec
+from .hooks import Edits, compose, rank_one_edit
 from .hparams import RomeHParams
+from .layers import default_rome_layer, mlp_out_name
+from .prompts import context_templates, input_output_at, subject_key
+from .registry import EditorInputs, EditorNeeds, EditorOutput, EditorSpec, KeyStatistics, register_editor
+from .value import optimize_value
 
 logger = logging.getLogger(__name__)
 
-
-def rank_one_edit(u_out: torch.Tensor, v_in: torch.Tensor):
-    """An output edit adding (input · v_in) u_out, i.e. the effect of ΔW = u_out v_inᵀ on a module."""
-
-    def edit(output, inputs):
-        return output + (inputs.to(torch.float32) @ v_in)[..., None].to(output.dtype) * u_out.to(output.dtype)
-
-    return edit
+__all__ = ["rome_deltas", "solve_left", "target_modules"]
 
 
 def solve_left(second_moment: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
@@ -58,15 +56,13 @@ def rome_deltas(
     show_progress: bool | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`{module: (U, V)}` with ΔW = U Vᵀ in the module's own layout (one rank-one term per request)."""
-    layer = hp.layer if hp.layer is not None else default_rome_layer(model, spec)
-    name = mlp_out_name(spec, layer)
+    (name,) = target_modules(model, hp, spec)
     contexts = context_templates(model, tokenizer, hp.n_context_templates, hp.context_length, hp.seed)
     c = (second_moments or {}).get(name) if hp.mom2_adjustment else None
     outs, ins = [], []
     edits: Edits = {}
     for req in tqdm(requests, desc="ROME", unit="edit", disable=show_progress is False or len(requests) < 2):
-        key = keys_at(model, tokenizer, name, [c.format(req.prompt) for c in contexts], req.subject).mean(0)
-        left = solve_left(c, key)
+        left = solve_left(c, subject_key(model, tokenizer, name, req, contexts))
         _, v_star = optimize_value(model, tokenizer, req, name, contexts, hp, edits=edits, desc=repr(req.target_new))
         cur_in, cur_out = input_output_at(model, tokenizer, name, req.prompt, req.subject, edits)
         right = (v_star - cur_out) / left.dot(cur_in)
@@ -82,3 +78,22 @@ def rome_deltas(
 
 def target_modules(model: nn.Module, hp: RomeHParams, spec: ArchSpec) -> list[str]:
     return [mlp_out_name(spec, hp.layer if hp.layer is not None else default_rome_layer(model, spec))]
+
+
+def _resolve(model: nn.Module, hp: RomeHParams, spec: ArchSpec) -> RomeHParams:
+    return hp if hp.layer is not None else dataclasses.replace(hp, layer=default_rome_layer(model, spec))
+
+
+def _needs(model: nn.Module, hp: RomeHParams, spec: ArchSpec) -> EditorNeeds:
+    if not hp.mom2_adjustment:
+        return EditorNeeds()
+    modules = tuple(target_modules(model, hp, spec))
+    return EditorNeeds(statistics=KeyStatistics(modules, hp.mom2_n_samples, hp.mom2_max_length))
+
+
+def _compute(model, tokenizer, requests, hp: RomeHParams, spec, inputs: EditorInputs, *, show_progress=None):
+    deltas = rome_deltas(model, tokenizer, requests, hp, spec, inputs.second_moments, show_progress=show_progress)
+    return EditorOutput(deltas)
+
+
+register_editor(EditorSpec("rome", RomeHParams, _compute, needs=_needs, resolve=_resolve))

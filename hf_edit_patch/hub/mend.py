@@ -1,0 +1,160 @@
+"""MEND editors on disk and on the Hub: a folder holds `mend_config.json`, `mend_model.safetensors` (the network's
+weights and input statistics) and a README.md card; safetensors and JSON only.
+
+Example:
+    ```python
+    from hf_edit_patch.editors import mend
+    from hf_edit_patch.hub.mend import load_mend_editor, push_mend_editor, save_mend_editor
+
+    editor = mend.train(model, tokenizer, records[:200], max_steps=400)
+    save_mend_editor(editor, "out/mend-smollm2")
+    push_mend_editor(editor, "user/mend-smollm2", private=True)
+    editor = load_mend_editor("user/mend-smollm2")   # a folder or a Hub repo id
+    ```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..editors.mend.network import MEND_FORMAT, MEND_FORMAT_VERSION, MendConfig, MendEditor
+from ..errors import PatchFormatError
+from . import resolve
+from .cards import write_card
+from .files import atomic_write
+from .push import PushOptions, push_folder
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .push import PushKwargs
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_mend_editor", "mend_card", "push_mend_editor", "save_mend_editor"]
+
+CONFIG_NAME = "mend_config.json"
+WEIGHTS_NAME = "mend_model.safetensors"
+
+
+def save_mend_editor(editor: MendEditor, save_directory: str | os.PathLike, *, overwrite_card: bool = False) -> None:
+    """
+    Writes `mend_config.json`, `mend_model.safetensors` (weights and statistics) and a README.md card.
+
+    A README.md that a person edited is kept unless `overwrite_card=True`. An editor that came from nowhere records
+    the folder as where it is from (`editor.name_or_path`).
+
+    Example:
+        ```python
+        >>> save_mend_editor(editor, "out/mend-smollm2")  # doctest: +SKIP
+        ```
+    """
+    if not isinstance(editor, MendEditor):
+        raise TypeError(f"save_mend_editor takes a MendEditor, got {type(editor).__name__}")
+    directory = os.fspath(save_directory)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in editor.state_dict().items()}
+
+    def write_weights(tmp: str) -> None:
+        save_file(tensors, tmp, metadata={"format": MEND_FORMAT, "format_version": str(MEND_FORMAT_VERSION)})
+
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), write_weights)
+    atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(editor.config.to_dict(), indent=2) + "\n")
+    card = mend_card(editor.config)
+    write_card(os.path.join(directory, "README.md"), card, overwrite=overwrite_card, write=atomic_write)
+    if editor.name_or_path is None:
+        editor.name_or_path = directory
+
+
+def mend_card(config: MendConfig) -> str:
+    """The README.md of a saved editor: what it edits, for which model, and how it was trained."""
+    base = config.base_model_name_or_path or "unknown"
+    training = "\n".join(f"- {k}: {v}" for k, v in config.training.items()) or "- (not recorded)"
+    header = "---\nlibrary_name: hf_edit_patch\ntags:\n- hf_edit_patch\n- model-editing\n- mend\n"
+    if config.base_model_name_or_path and not os.path.isabs(base):
+        header += f"base_model: {base}\n"
+    return (
+        f"{header}---\n\n# MEND editor for {base}\n\n"
+        "A MEND editor network (Mitchell et al. 2022) trained with hf_edit_patch: it turns the fine-tuning "
+        "gradient of an edit into a weight update of these modules:\n\n"
+        + "".join(f"- `{m}`\n" for m in config.modules)
+        + "\n```python\nimport hf_edit_patch as hep\n"
+        f'patch = hep.edit(model, tokenizer, [request], method="mend", hparams={{"editor": REPO_ID}})\n```\n\n'
+        f"## Training\n\n{training}\n"
+    )
+
+
+def load_mend_editor(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> MendEditor:
+    """
+    Loads an editor written by `save_mend_editor` from a folder or a Hub repo (safetensors and JSON only).
+
+    Raises:
+        PatchNotFoundError: the folder or repo has no `mend_config.json` / `mend_model.safetensors`.
+        PatchFormatError: the files are not a MEND editor, or the weights do not match the config.
+
+    Example:
+        ```python
+        >>> editor = load_mend_editor("out/mend-smollm2")  # doctest: +SKIP
+        >>> editor.config.modules  # doctest: +SKIP
+        ['model.layers.27.mlp.down_proj', 'model.layers.28.mlp.down_proj', 'model.layers.29.mlp.down_proj']
+        ```
+    """
+    options = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
+    source = os.fspath(path_or_repo_id)
+    config_path = resolve.resolve_file(source, CONFIG_NAME, **options)
+    weights_path = resolve.resolve_file(source, WEIGHTS_NAME, **options)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as exc:
+        raise PatchFormatError(f"{CONFIG_NAME} of {source!r} is not valid JSON: {exc}") from exc
+    editor = MendEditor(MendConfig.from_dict(data, source=f"{CONFIG_NAME} of {source!r}"))
+    try:
+        state = load_file(weights_path)
+    except Exception as exc:  # safetensors raises its own error type for malformed files
+        raise PatchFormatError(f"{WEIGHTS_NAME} of {source!r} is not a readable safetensors file: {exc}") from exc
+    expected = editor.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or bad:
+        raise PatchFormatError(
+            f"{WEIGHTS_NAME} of {source!r} does not match its config: missing {missing}, unexpected {unexpected}, "
+            f"wrong shapes {bad}"
+        )
+    if not all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()):
+        raise PatchFormatError(f"{WEIGHTS_NAME} of {source!r} holds non-finite values")
+    editor.load_state_dict(state)
+    editor.name_or_path = source
+    return editor.eval()
+
+
+def push_mend_editor(editor: MendEditor, repo_id: str, **options: Unpack[PushKwargs]) -> Any:
+    """
+    Creates the Hub repo if needed and uploads the saved editor (files as `save_mend_editor` writes them) in one
+    commit; returns the commit info.
+
+    Args:
+        editor: the editor to share.
+        repo_id: the Hub repo, `"namespace/name"`.
+        options: `private`, `revision`, `create_pr`, `commit_message`, `token`, `license`.
+
+    Example:
+        ```python
+        >>> push_mend_editor(editor, "user/mend-smollm2", private=True)  # doctest: +SKIP
+        ```
+    """
+    push = PushOptions.from_kwargs(options)
+    if push.commit_message is None:
+        push = dataclasses.replace(push, commit_message="Upload MEND editor with hf_edit_patch")
+    return push_folder(lambda folder: save_mend_editor(editor, folder), repo_id, push)
