@@ -10,7 +10,8 @@ Example:
     base = pm.unload()   # bit-identical to the model before
     ```
 
-Names are imported lazily, so `import hf_edit_patch` is fast and loads torch only when a name is used.
+Names are imported lazily, so `import hf_edit_patch` is fast and loads torch only when a name is used; the first
+such name loads the editing layer, which plugs the regularizers and `PatchedModel.edit` into the layers below.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .version import __version__
 _EXPORTS = {
     "PatchConfig": "patch.config",
     "EditRequest": "requests",
-    "edit": "editing.update",
+    "edit": "editing.entry",
     "ModuleRecord": "patch.config",
     "SparseDelta": "patch.sparse",
     "EditPatch": "patch.edit_patch",
@@ -31,7 +32,7 @@ _EXPORTS = {
     "rect_sparsify": "regularizers.matrix",
     "random_sparsify": "regularizers.matrix",
     "pca_sparsify": "regularizers.matrix",
-    "sparsify": "regularizers.matrix",
+    "sparsify": "patch.sparsifiers",
     "fingerprint": "patch.encoding",
     "load_default_model": "hub.default_model",
     "DEFAULT_MODEL_ID": "hub.default_model",
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .editing.update import edit
+    from .editing.entry import edit
     from .errors import (
         FingerprintMismatchError,
         PatchError,
@@ -79,8 +80,9 @@ if TYPE_CHECKING:
     from .patch.edit_patch import EditPatch
     from .patch.encoding import fingerprint
     from .patch.sparse import SparseDelta
+    from .patch.sparsifiers import sparsify
     from .patched_model import PatchedModel
-    from .regularizers.matrix import pca_sparsify, random_sparsify, rect_sparsify, sparsify
+    from .regularizers.matrix import pca_sparsify, random_sparsify, rect_sparsify
     from .requests import EditRequest
 
 
@@ -93,6 +95,10 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'hf_edit_patch' has no attribute {name!r}")
+    if module != "errors":
+        # the layers plug into each other on import: the editing layer registers the regularizers and
+        # `PatchedModel.edit`, so every name taken from the package works whatever is used first
+        importlib.import_module(".editing", __name__)
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

@@ -130,11 +130,11 @@ def model_source(model: Any) -> tuple[str | None, str | None]:
         return str(recorded["model_id"]), (str(recorded["revision"]) if recorded.get("revision") else None)
     name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
     name = str(name) if name else None
-    revision = getattr(config, "_commit_hash", None) or _commit_from_path(name)
+    revision = getattr(config, "_commit_hash", None) or commit_from_path(name)
     return name, revision
 
 
-def _commit_from_path(path: str | None) -> str | None:
+def commit_from_path(path: str | None) -> str | None:
     """The commit hash in a Hub cache snapshot path (`.../snapshots/<sha>/...`), if it is one."""
     if not path:
         return None

@@ -29,24 +29,22 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from .editing.update import edit as run_edit
 from .errors import FingerprintMismatchError, PatchError, PatchFormatError, PatchNotFoundError, PatchValidationError
 from .hub.files import atomic_write
 from .hub.push import PushOptions, push_folder
 from .hub.resolve import resolve_file
 from .kernels.sparse_add import restore_, sparse_add_
 from .modules import merged_adapters, resolve_weight, unwrap_peft
-from .patch.config import CONFIG_NAME, STACK_NAME
+from .patch.config import CONFIG_NAME, STACK_NAME, check_patch_name
 from .patch.edit_patch import EditPatch
 from .patch.encoding import dtype_name, fingerprint
 
@@ -56,8 +54,6 @@ if TYPE_CHECKING:
     from .hub.push import PushKwargs
 
 logger = logging.getLogger(__name__)
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass
@@ -86,16 +82,6 @@ def _check_finite(
         )
 
 
-def _check_patch_name(name: str, existing: dict[str, Any]) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
-        raise PatchError(
-            f"patch_name must be 1-128 characters of letters, digits, '_', '-' or '.', not starting "
-            f"with '.' or '-', got {name!r}"
-        )
-    if name in existing:
-        raise PatchError(f"a patch named {name!r} is already attached; active patches: {list(existing)}")
-
-
 class PatchedModel(nn.Module):
     """A model with edit patches attached, in the manner of PEFT's `PeftModel`.
 
@@ -108,6 +94,7 @@ class PatchedModel(nn.Module):
     """
 
     is_patched_model = True
+    _edit_function: ClassVar[Callable[..., EditPatch] | None] = None  # see register_edit_function
 
     def __init__(self, model: nn.Module) -> None:
         if getattr(model, "is_patched_model", False):
@@ -265,7 +252,7 @@ class PatchedModel(nn.Module):
             raise TypeError(
                 f"patch must be an EditPatch, got {type(patch).__name__}; use load_patch() for a path or Hub id"
             )
-        _check_patch_name(patch_name, self._patches)
+        check_patch_name(patch_name, self._patches)
         self._require_enabled("add a patch")
         self._validate(patch, strict=strict)
         self._applied[patch_name] = self._apply(patch)
@@ -282,7 +269,7 @@ class PatchedModel(nn.Module):
         **hub_kwargs: Any,
     ) -> PatchedModel:
         """Loads a patch (folder, Hub id, or EditPatch) and stacks it on top; see `EditPatch.from_pretrained`."""
-        _check_patch_name(patch_name, self._patches)
+        check_patch_name(patch_name, self._patches)
         self._require_enabled("load a patch")
         patch = (
             path_or_repo_id
@@ -325,6 +312,17 @@ class PatchedModel(nn.Module):
             self._disabled = 0
             self._reapply(names)
 
+    @classmethod
+    def register_edit_function(cls, fn: Callable[..., EditPatch]) -> None:
+        """Sets the function `edit` runs: `hf_edit_patch.edit`, registered by `hf_edit_patch.editing` on import.
+
+        The editing layer sits above this one (its `keep_ratio="auto"` search attaches candidates to a
+        `PatchedModel`), so it plugs itself in rather than being imported from here.
+        """
+        if not callable(fn):
+            raise TypeError(f"the edit function must be callable, got {type(fn).__name__}")
+        PatchedModel._edit_function = fn
+
     def edit(self, tokenizer: Any, requests: Any, *, patch_name: str | None = None, **kwargs: Any) -> EditPatch:
         """Sequential editing: computes an edit on the current (patched) weights and stacks it on top.
 
@@ -337,9 +335,14 @@ class PatchedModel(nn.Module):
             ```
         """
         self._require_enabled("edit")
+        if PatchedModel._edit_function is None:
+            raise PatchError(
+                "PatchedModel.edit runs hf_edit_patch.edit, which is not loaded: import hf_edit_patch.editing (using "
+                "the package as `hf_edit_patch.PatchedModel` loads it)"
+            )
         name = patch_name or next(f"edit{i}" for i in range(len(self._patches) + 1) if f"edit{i}" not in self._patches)
-        _check_patch_name(name, self._patches)
-        patch = run_edit(self, tokenizer, requests, **kwargs)
+        check_patch_name(name, self._patches)
+        patch = PatchedModel._edit_function(self, tokenizer, requests, **kwargs)
         self.add_patch(patch, name)
         return patch
 
@@ -368,7 +371,7 @@ class PatchedModel(nn.Module):
         self._require_enabled("compact")
         if not self._patches:
             raise PatchError("there are no active patches to compact")
-        _check_patch_name(patch_name, {})
+        check_patch_name(patch_name, {})
         modules = sorted({m for p in self._patches.values() for m in p.deltas})
         current = {m: resolve_weight(self.base_model, m)[1].detach().clone() for m in modules}
         replaced = list(self._patches.items())
@@ -456,7 +459,7 @@ class PatchedModel(nn.Module):
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise PatchFormatError(f"{stack_file} is not a valid patch stack ({exc})") from exc
         for name in names:  # before anything is read: a name is also a subfolder path
-            _check_patch_name(name, dict.fromkeys(pm.active_patches))
+            check_patch_name(name, dict.fromkeys(pm.active_patches))
         if len(set(names)) != len(names):
             raise PatchFormatError(f"{stack_file} lists a patch name twice: {names}")
         patches = [

@@ -7,7 +7,7 @@ Usage:
     python scripts/push_patch.py out/eiffel user/eiffel-rome-rect --private     # --dry-run DIR to preview
 
 The repo gets the patch files, `evaluation/` (eval.json, scores.png, its card) and a README.md patch card whose
-`model-index` holds the evaluation. See `hf_edit_patch.hub.sharing.push_patch_folder`.
+`model-index` holds the evaluation. See `hf_edit_patch.evaluation.publish.push_patch_folder`.
 """
 
 import sys

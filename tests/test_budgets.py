@@ -10,7 +10,7 @@ from test_editors import llama4, tiny_tokenizer
 
 import hf_edit_patch as hep
 from hf_edit_patch.errors import PatchError
-from hf_edit_patch.evaluation.editing import score_edits
+from hf_edit_patch.evaluation.scoring import score_edits
 from hf_edit_patch.regularizers.matrix import norm_budget_count, rect_sparsify
 
 REQ = hep.EditRequest(

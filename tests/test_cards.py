@@ -14,9 +14,9 @@ from huggingface_hub import ModelCard
 from test_editors import llama4, tiny_tokenizer
 
 import hf_edit_patch as hep
+from hf_edit_patch.evaluation.publish import stage_patch_folder
 from hf_edit_patch.evaluation.report import evaluate_patch, load_evaluation, write_evaluation
 from hf_edit_patch.hub.cards import evaluation_card, evaluation_results, patch_card
-from hf_edit_patch.hub.sharing import stage_patch_folder
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EIFFEL = hep.EditRequest(

@@ -27,9 +27,11 @@ from conftest import LLAMA_TARGETS, assert_state_equal, make_llama, snapshot
 from helpers import random_patch
 
 import hf_edit_patch as hep
-from hf_edit_patch.editors.stats import StatsCache, get_second_moments, load_stats_from_hub, push_stats_to_hub
+from hf_edit_patch.editing.statistics import get_second_moments
 from hf_edit_patch.hub import push as hub_push
 from hf_edit_patch.hub import resolve as hub
+from hf_edit_patch.hub.stats_cache import StatsCache
+from hf_edit_patch.hub.stats_sharing import load_stats_from_hub, push_stats_to_hub
 
 pytest.importorskip("olah", reason="the local Hub server needs the `olah` package (pip install olah)")
 if shutil.which("git") is None:

@@ -91,7 +91,7 @@ def _commit_url(info: Any) -> str:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from ..hub.sharing import push_patch_folder, stage_patch_folder
+    from ..evaluation.publish import push_patch_folder, stage_patch_folder
 
     if not os.path.isdir(args.folder):
         raise CLIError(f"{args.folder!r} is not a folder; give the folder a patch was saved to")
@@ -120,16 +120,16 @@ def run_push(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------------- stats
 def _cache(args: argparse.Namespace) -> Any:
-    from ..editors.stats import StatsCache
+    from ..hub.stats_cache import StatsCache
 
     return StatsCache(args.cache_dir)
 
 
 def run_stats_compute(args: argparse.Namespace) -> int:
+    from ..editing.statistics import get_second_moments
     from ..editors import memit, rome
     from ..editors.architectures import get_arch
     from ..editors.hparams import MemitHParams, RomeHParams
-    from ..editors.stats import get_second_moments
 
     hparams = json_object(args.hparams, "--hparams")
     if args.layers is not None:
@@ -175,7 +175,7 @@ def run_stats_list(args: argparse.Namespace) -> int:
 
 
 def run_stats_push(args: argparse.Namespace) -> int:
-    from ..editors.stats import push_stats_to_hub
+    from ..hub.stats_sharing import push_stats_to_hub
 
     cache = _cache(args)
     entries = [e for e in cache.entries() if args.model is None or e.key.model_id == args.model]
@@ -195,7 +195,7 @@ def run_stats_push(args: argparse.Namespace) -> int:
 
 
 def run_stats_pull(args: argparse.Namespace) -> int:
-    from ..editors.stats import load_stats_from_hub
+    from ..hub.stats_sharing import load_stats_from_hub
 
     cache = _cache(args)
     entries = load_stats_from_hub(

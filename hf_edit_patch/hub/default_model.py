@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..modules import SOURCE_ATTRIBUTE, _commit_from_path, model_source
+from ..modules import SOURCE_ATTRIBUTE, commit_from_path, model_source
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _record_commit_hash(model: Any, repo_id: str, cache_dir: str | os.PathLike |
         except Exception:  # provenance is best effort, never a reason to fail a load
             logger.debug("could not resolve the commit of %s", repo_id, exc_info=True)
             cached = None
-        commit = _commit_from_path(cached) if isinstance(cached, str) else None
+        commit = commit_from_path(cached) if isinstance(cached, str) else None
     if commit is not None:
         model.config._commit_hash = commit
 

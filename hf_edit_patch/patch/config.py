@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import PatchFormatError
+from ..errors import PatchError, PatchFormatError
 from ..version import __version__
 
 FORMAT_VERSION = 1
@@ -30,6 +32,7 @@ PATCH_TYPE = "EDIT_PATCH"
 CONFIG_NAME = "patch_config.json"
 WEIGHTS_NAME = "patch_model.safetensors"
 STACK_NAME = "patch_stack.json"
+PATCH_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 LAYOUTS = ("linear", "conv1d", "embedding")
 ENCODINGS = ("coo", "bitmask", "csr")
@@ -222,3 +225,15 @@ class PatchConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PatchFormatError(f"{path} is not valid JSON ({exc}); the file is truncated or corrupt") from exc
         return cls.from_dict(data)
+
+
+def check_patch_name(name: str, existing: Mapping[str, Any] | Iterable[str] = ()) -> None:
+    """A patch name is 1-128 letters, digits, '_', '-' or '.' (not starting with '.' or '-'): it names a
+    subfolder of a saved stack. `existing` holds the names already taken."""
+    if not isinstance(name, str) or not PATCH_NAME_RE.match(name) or name in (".", ".."):
+        raise PatchError(
+            f"patch_name must be 1-128 characters of letters, digits, '_', '-' or '.', not starting "
+            f"with '.' or '-', got {name!r}"
+        )
+    if name in existing:
+        raise PatchError(f"a patch named {name!r} is already attached; active patches: {list(existing)}")

@@ -35,10 +35,10 @@ from ..hub.push import PushOptions, push_folder
 from ..hub.resolve import resolve_file
 from ..interop import peft as shira
 from ..modules import model_source, resolve_weight, unwrap_peft
-from ..regularizers.matrix import sparsify
 from . import encoding as storage
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModuleRecord, PatchConfig
 from .sparse import SparseDelta
+from .sparsifiers import sparsify
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -23,9 +23,9 @@ import torch
 
 from ..errors import PatchError
 from ..kernels.rect_select import rect_select
-from ..kernels.rect_select_reference import rect_keys, top_k_positions
-from ..patch.config import REGULARIZERS
+from ..kernels.topk import rect_keys, top_k_positions
 from ..patch.sparse import SparseDelta
+from ..patch.sparsifiers import register_sparsifier
 
 
 def _check_keep_ratio(keep_ratio: float) -> float:
@@ -168,32 +168,36 @@ def pca_sparsify(
     return _kept(flat, approx.to(delta.dtype).reshape(-1)[flat], tuple(delta.shape))
 
 
-def sparsify(
-    delta: torch.Tensor,
-    weight: torch.Tensor,
-    regularizer: str | None,
-    keep_ratio: float | None,
-    *,
-    name: str = "delta",
-    **kwargs,
-) -> SparseDelta:
-    """Applies `regularizer` ("rect", "random", "pca" or None for every nonzero entry) to one dense ΔW."""
-    if regularizer is None:
-        if keep_ratio is not None:
-            raise PatchError(f"keep_ratio={keep_ratio} needs a regularizer; accepted: {REGULARIZERS}")
-        if kwargs.get("norm_budget") is not None:
-            raise PatchError("norm_budget needs regularizer='rect'")
-        return SparseDelta.from_dense(_check_delta(delta, name), name=name)
-    if regularizer == "rect" and kwargs.get("norm_budget") is not None:
-        return rect_sparsify(delta, weight, keep_ratio, norm_budget=kwargs["norm_budget"], name=name)
+# --------------------------------------------------------------------------------------------------------------------
+# Registered under the names `regularizer=` takes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@register_sparsifier("rect")
+def _rect(delta: torch.Tensor, weight: torch.Tensor, keep_ratio: float | None, *, name: str = "delta", **kwargs):
     if kwargs.get("norm_budget") is not None:
-        raise PatchError(f"norm_budget is a RECT setting; regularizer={regularizer!r} takes a keep_ratio")
+        return rect_sparsify(delta, weight, keep_ratio, norm_budget=kwargs["norm_budget"], name=name)
+    kwargs.pop("norm_budget", None)
     if keep_ratio is None:
-        raise PatchError(f"regularizer={regularizer!r} needs a keep_ratio in (0, 1]")
-    if regularizer == "rect":
-        return rect_sparsify(delta, weight, keep_ratio, name=name, **kwargs)
-    if regularizer == "random":
-        return random_sparsify(delta, keep_ratio, name=name, **kwargs)
-    if regularizer == "pca":
-        return pca_sparsify(delta, keep_ratio, name=name, **kwargs)
-    raise PatchError(f"unknown regularizer {regularizer!r}; accepted: {REGULARIZERS} or None")
+        raise PatchError("regularizer='rect' needs a keep_ratio in (0, 1]")
+    return rect_sparsify(delta, weight, keep_ratio, name=name, **kwargs)
+
+
+def _keep_ratio_only(regularizer: str, fn):
+    """Adapts a regularizer that does not read the weight and takes no norm budget."""
+
+    def sparsify(
+        delta: torch.Tensor, weight: torch.Tensor, keep_ratio: float | None, *, name: str = "delta", **kwargs
+    ):
+        if kwargs.pop("norm_budget", None) is not None:
+            raise PatchError(f"norm_budget is a RECT setting; regularizer={regularizer!r} takes a keep_ratio")
+        if keep_ratio is None:
+            raise PatchError(f"regularizer={regularizer!r} needs a keep_ratio in (0, 1]")
+        return fn(delta, keep_ratio, name=name, **kwargs)
+
+    sparsify.__qualname__ = f"_keep_ratio_only({fn.__name__})"
+    return sparsify
+
+
+register_sparsifier("random", _keep_ratio_only("random", random_sparsify))
+register_sparsifier("pca", _keep_ratio_only("pca", pca_sparsify))
