@@ -1,14 +1,19 @@
 """Benchmark RECT selection and the sparse add against baselines measured in the same run.
 
-For each matrix shape and keep ratio: the seed implementation (NumPy `abs(divide)` + `argpartition`),
-`torch.topk`, a `torch.kthvalue` threshold, our reference path and, on CUDA, the Triton kernels, with the
-speedup of each against the seed. On CUDA the achieved bandwidth is reported against the bytes that must move
-(read ΔW and W once and write the kept entries; for the sparse add: read index, value and weight entry, write the
-weight entry and the saved original).
+First table, by kind of update: for each matrix shape, keep ratio and kind of ΔW that editors produce (rank-one
+u·vᵀ as ROME returns, rank-32 as MEMIT's batched update, dense as fine-tuning), the seed (NumPy `abs(divide)` +
+`argpartition`, then ΔW's values at the kept positions) against `hep.rect_sparsify`, timed alternately (median of
+`--repeats` each) with their ratio; with `--load N`, the same again while N busy processes, started and stopped by
+this script, load the cores.
+
+Second table, on a random dense ΔW: the seed, `torch.topk`, a `torch.kthvalue` threshold, our reference path and,
+on CUDA, the Triton kernels, with the speedup of each against the seed. On CUDA the achieved bandwidth is reported
+against the bytes that must move (read ΔW and W once and write the kept entries; for the sparse add: read index,
+value and weight entry, write the weight entry and the saved original).
 
 Example:
     ```bash
-    python scripts/bench_kernels.py --device cpu --sizes 576x1536,1600x6400,4096x11008
+    python scripts/bench_kernels.py --device cpu --sizes 576x1536,4096x11008 --keep 0.4 --load 1
     python scripts/bench_kernels.py --device cuda --sizes 4096x11008 --keep 0.4
     ```
 """
@@ -16,6 +21,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import math
 import os
 import platform
@@ -58,6 +65,12 @@ def seed_numpy(delta: torch.Tensor, weight: torch.Tensor, k: int) -> np.ndarray:
     return np.argpartition(ratio.ravel(), -k)[-k:]
 
 
+def seed_numpy_values(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seed returning what a patch stores: the kept positions (in argpartition's order) and ΔW's values there."""
+    idx = seed_numpy(delta, weight, k)
+    return idx, np.take(delta.cpu().numpy().reshape(-1), idx)
+
+
 def seed_numpy_entries(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The seed plus what a patch needs from it: sorted kept positions and their ΔW values."""
     idx = seed_numpy(delta, weight, k)
@@ -98,6 +111,86 @@ def selection_inputs(shape, device):
     delta = (torch.randn(shape, generator=gen) * 1e-2).to(device)
     weight = torch.randn(shape, generator=gen).to(device)
     return delta, weight
+
+
+DELTA_KINDS = ("rank1", "lowrank", "dense")
+LOW_RANK = 32  # MEMIT spreads a batch over one layer's keys: a rank of about the batch size
+
+
+def kind_inputs(shape, kind: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """W like a trained weight and a ΔW of the given kind, about 1% of W's scale.
+
+    rank1: u·vᵀ (ROME); lowrank: U·Vᵀ with `LOW_RANK` columns (MEMIT); dense: i.i.d. Gaussian (fine-tuning).
+    """
+    rows, cols = shape
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=gen) * 0.02
+    if kind == "dense":
+        delta = torch.randn(shape, generator=gen)
+    else:
+        rank = 1 if kind == "rank1" else LOW_RANK
+        delta = torch.randn(rows, rank, generator=gen) @ torch.randn(rank, cols, generator=gen) / math.sqrt(rank)
+    delta *= 2e-4 / float(delta.std())
+    return delta.to(device), weight.to(device)
+
+
+@contextlib.contextmanager
+def background_load(processes: int, seconds: float):
+    """`processes` busy Python processes for the duration of the block; each also stops by itself after
+    `seconds`, so none outlives a benchmark that is killed."""
+    busy = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(processes)]
+    try:
+        time.sleep(0.2 if procs else 0.0)  # let them get going
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+
+
+def bench_kinds(shape, keep, kind, device, repeats, load: int) -> dict:
+    """Seed and `rect_sparsify`, timed alternately after a warm-up each; their selections are checked equal."""
+    delta, weight = kind_inputs(shape, kind, device)
+    k = keep_count(keep, delta.numel())
+    runs = {
+        "seed": lambda: seed_numpy_values(delta, weight, k),
+        "rect_sparsify": lambda: rect_sparsify(delta, weight, keep),
+    }
+    seed_idx, _ = runs["seed"]()
+    ours = runs["rect_sparsify"]()
+    if ours.nnz == k and not np.array_equal(np.sort(seed_idx), ours.flat_indices.cpu().numpy()):
+        # the seed's ties are arbitrary: compare the kept scores instead of the positions
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.abs(delta.cpu().numpy() / weight.cpu().numpy()).ravel()
+        if not np.array_equal(np.sort(score[seed_idx]), np.sort(score[ours.flat_indices.cpu().numpy()])):
+            raise SystemExit(f"{kind} {shape}: rect_sparsify keeps other scores than the seed")
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {
+        "shape": f"{shape[0]}x{shape[1]}",
+        "keep": keep,
+        "kind": kind,
+        "load": load,
+        **{name: statistics.median(t) for name, t in times.items()},
+    }
+
+
+def print_kinds_table(rows: list[dict]) -> None:
+    print("| shape | keep | ΔW | busy processes | seed (ms) | rect_sparsify (ms) | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['shape']} | {r['keep']} | {r['kind']} | {r['load']} | {r['seed'] * 1e3:.1f} | "
+            f"{r['rect_sparsify'] * 1e3:.1f} | {r['seed'] / r['rect_sparsify']:.2f}x |"
+        )
 
 
 def first_call(method: str, shape, keep: float) -> float:
@@ -234,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
     parser.add_argument("--skip-sparse-add", action="store_true")
     parser.add_argument(
+        "--kinds", default=",".join(DELTA_KINDS), help=f"kinds of ΔW for the first table, of {DELTA_KINDS} ('': skip)"
+    )
+    parser.add_argument(
+        "--load", type=int, default=0, help="also time the first table while this many busy processes run"
+    )
+    parser.add_argument("--skip-methods", action="store_true", help="skip the second table (methods on a dense ΔW)")
+    parser.add_argument(
         "--first-calls",
         type=int,
         default=3,
@@ -256,6 +356,26 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, numpy {np.__version__}, device {args.device} ({name}), "
         f"threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, median of {args.repeats} after a warm-up"
     )
+    kinds = [kind for kind in args.kinds.split(",") if kind]
+    if unknown := sorted(set(kinds) - set(DELTA_KINDS)):
+        raise SystemExit(f"--kinds: unknown kinds {unknown}, expected some of {DELTA_KINDS}")
+    if kinds:
+        kind_rows = []
+        for load in sorted({0, args.load}):
+            with background_load(load, seconds=600):
+                for shape in sizes:
+                    for keep, kind in itertools.product(keeps, kinds):
+                        kind_rows.append(bench_kinds(shape, keep, kind, args.device, args.repeats, load))
+        print("By kind of ΔW (seed: argpartition of |ΔW/W| + values; timed alternately, medians):\n")
+        print_kinds_table(kind_rows)
+        worst = min(kind_rows, key=lambda r: r["seed"] / r["rect_sparsify"])
+        print(
+            f"\nTarget: rect_sparsify >= 3x the seed on every kind: worst "
+            f"{worst['seed'] / worst['rect_sparsify']:.2f}x ({worst['shape']}, keep {worst['keep']}, "
+            f"{worst['kind']}, {worst['load']} busy processes)\n"
+        )
+    if args.skip_methods:
+        return 0
     print("Speedup column: time of the first row of each group (the seed, or index_put_) / this row's time.\n")
     rows = []
     for shape in sizes:

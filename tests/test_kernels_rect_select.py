@@ -125,7 +125,22 @@ def inf_inputs(shape, dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return delta.to(dtype), weight.to(dtype)
 
 
-CASES = {"mixed": mixed_inputs, "all_equal": all_equal_inputs, "inf": inf_inputs}
+def low_rank_inputs(shape, dtype, seed: int = 0, rank: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW = U·Vᵀ as ROME (rank one) and MEMIT (low rank) return it: every column scaled alike, some rows zero."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, generator=gen) * 0.02
+    u = torch.randn(shape[0], rank, generator=gen) * (torch.rand(shape[0], 1, generator=gen) < 0.8)
+    delta = u @ torch.randn(rank, shape[1], generator=gen) * 1e-3
+    return delta.to(dtype), weight.to(dtype)
+
+
+CASES = {
+    "mixed": mixed_inputs,
+    "all_equal": all_equal_inputs,
+    "inf": inf_inputs,
+    "rank_one": low_rank_inputs,
+    "rank_8": lambda shape, dtype, seed=0: low_rank_inputs(shape, dtype, seed, rank=8),
+}
 
 
 # ----------------------------------------------------------------------------------------------- oracle sweeps

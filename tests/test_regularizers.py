@@ -9,10 +9,10 @@ import torch
 
 import hf_edit_patch as hep
 from hf_edit_patch.kernels import rect_select_reference as ref
-from hf_edit_patch.kernels.topk import rect_keys, top_k_positions
+from hf_edit_patch.kernels.topk import rect_keys, sample_positions, top_k_positions
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 1), (1, 7), (7, 13), (33, 65), (129, 257), (1031, 1100)]  # the last two take the sampled CPU path
+SHAPES = [(1, 1), (1, 7), (7, 13), (33, 65), (129, 257), (1031, 1100)]  # the last one takes the sampled CPU path
 
 
 def oracle_positions(delta: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
@@ -174,3 +174,84 @@ def test_blocked_cpu_path_is_exact_with_any_thread_count(monkeypatch, threads, d
         flat, values = ref.rect_select_reference(delta, weight, k)
         assert torch.equal(flat, want), f"keep {keep}: " + _mismatch(flat, want)
         assert values.dtype == dtype and torch.equal(values, delta.reshape(-1)[want])
+
+
+# ------------------------------------------------------------------------------------------------ structured updates
+
+
+def _structured(kind: str, shape=(1040, 1024), dtype=torch.float32, seed=0):
+    """ΔW of the kinds editors produce, over W like a trained weight.
+
+    1040 x 1024 takes the sampled path (over 2^20 entries), and a stride of n // sample size = 16 divides the row
+    length: a strided sample sees 64 of the 1024 columns only, and misplaces the band on a rank-one ΔW.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = shape
+    weight = torch.randn(shape, generator=gen) * 0.02
+    if kind == "rank_one":  # ROME: u·vᵀ, with some rows of u exactly zero (ΔW == 0 there: tied keys 0)
+        u = torch.randn(rows, 1, generator=gen) * (torch.rand(rows, 1, generator=gen) < 0.9)
+        delta = u @ torch.randn(1, cols, generator=gen)
+    elif kind == "low_rank":  # MEMIT: a batch of 64 requests spread over one layer
+        delta = torch.randn(rows, 64, generator=gen) @ torch.randn(64, cols, generator=gen)
+    elif kind == "sparse_columns":  # most columns untouched: ΔW == 0 on 75% of the entries, one sea of ties
+        delta = torch.randn(shape, generator=gen) * (torch.rand(1, cols, generator=gen) < 0.25)
+    else:  # dense, as fine-tuning returns
+        delta = torch.randn(shape, generator=gen)
+    return (delta * 1e-3).to(dtype), weight.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["rank_one", "low_rank", "sparse_columns", "dense"])
+def test_structured_updates_are_exact_and_the_sample_brackets_the_threshold(monkeypatch, kind, dtype):
+    """The kept set equals the exact oracle's, and the sampled band holds the threshold: no exact fallback."""
+    delta, weight = _structured(kind, dtype=dtype)
+    fallbacks = []
+    exact = ref._select_by_partition
+    monkeypatch.setattr(ref, "_select_by_partition", lambda *args: fallbacks.append(args) or exact(*args))
+    n = delta.numel()
+    for keep in (0.01, 0.4, 0.9):
+        k = round(keep * n)
+        flat, values = ref.rect_select_reference(delta, weight, k)
+        want = oracle_positions(delta, weight, k)
+        assert torch.equal(flat, want), f"{kind} keep {keep}: " + _mismatch(flat, want)
+        assert values.dtype == dtype and torch.equal(values, delta.reshape(-1)[want])
+    assert not fallbacks, f"{kind}: the sampled band missed the threshold {len(fallbacks)} times of 3"
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_sea_of_ties_is_counted_not_gathered(monkeypatch, threads):
+    """ΔW == 0 on 75% of the entries and k beyond the nonzero ones: the threshold is key 0, tied ~10^6 times.
+
+    The band's edges are counted per block and the first tied entries are found again in the blocks that keep
+    them; the band itself stays small."""
+    monkeypatch.setattr(ref, "_threads", lambda n_blocks: threads)
+    gathered = []
+    scan = ref._Band.scan
+
+    def spy(self, i, scratch):
+        scan(self, i, scratch)
+        gathered.append((self.count_edges, self.band_keys[i].size))
+
+    monkeypatch.setattr(ref._Band, "scan", spy)
+    delta, weight = _structured("sparse_columns")
+    n = delta.numel()
+    for k in (round(0.4 * n), round(0.4 * n) + 1, n - 1):
+        gathered.clear()
+        flat, _ = ref.rect_select_reference(delta, weight, k)
+        want = oracle_positions(delta, weight, k)
+        assert torch.equal(flat, want), f"k={k}: " + _mismatch(flat, want)
+        assert gathered and all(counted for counted, _ in gathered), f"k={k}: the tied edge was gathered"
+        size = sum(size for _, size in gathered)
+        assert size < 0.05 * n, f"k={k}: {size} band entries gathered of {n}"
+
+
+def test_sample_positions_cover_every_stratum_once_and_do_not_change():
+    n, size = 1040 * 1024, 1040 * 1024 // 16
+    pos = sample_positions(n, size)
+    stratum = pos * size // n
+    assert pos.dtype.name == "int64" and pos.size == size
+    assert (pos[1:] > pos[:-1]).all() and pos[0] >= 0 and pos[-1] < n
+    assert (stratum == range(size)).all()  # one position in each of the equal runs
+    assert len(set((pos % 1024).tolist())) == 1024  # every column, where a stride of 16 sees 64
+    sample_positions.cache_clear()
+    assert (sample_positions(n, size) == pos).all()

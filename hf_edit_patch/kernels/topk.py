@@ -4,10 +4,13 @@ Keys are the int32 bit patterns of the float32 scores |ΔW / W| (the bits of a n
 its value), with 0/0 mapped to -1 so that it ranks lowest; a nonzero ΔW over W == 0 gives +inf (`INF_KEY`), above
 every finite ratio. Ties go to the lower position.
 
-The exact k-th largest key is found without sorting: the k-th largest key of a strided sample brackets it inside a
-narrow band (`band_limits`: six standard deviations of the sample rank wide), and `kthvalue` runs on the band only.
-When the sample misleads (the band misses the k-th key, which the margin makes rare), an exact `kthvalue` over all
-keys takes over.
+The exact k-th largest key is found without sorting: the k-th largest key of a sample brackets it inside a narrow
+band (`band_limits`: six standard deviations of the sample rank wide), and `kthvalue` runs on the band only. The
+sample is stratified (`sample_positions`: one position drawn at random from each of equal runs of the flat
+matrix), not strided: a stride that divides the row length visits a few columns only, and the updates editors
+produce are structured by column (ROME's u·vᵀ scales every column by its own v_j), so a strided sample of
+|u·vᵀ / W| misplaces the band. When the sample misleads anyway (the band misses the k-th key, which the margin
+makes rare), an exact `kthvalue` over all keys takes over.
 
 Shared by the RECT reference selection (`rect_select_reference.py`) and the regularizers, which rank by the same
 keys.
@@ -15,6 +18,7 @@ keys.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -28,6 +32,7 @@ __all__ = [
     "gather",
     "kth_largest",
     "rect_keys",
+    "sample_positions",
     "top_k_positions",
 ]
 
@@ -47,9 +52,25 @@ def rect_keys(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return keys
 
 
+@functools.lru_cache(maxsize=8)
+def sample_positions(n: int, size: int) -> np.ndarray:
+    """`size` sorted flat positions in [0, n): one drawn uniformly from each of `size` equal runs (fixed seed).
+
+    Every entry is equally likely to be drawn whatever the matrix's row length, so the sample's quantiles are
+    unbiased on structured matrices too; the draw is fixed, so a selection's running time does not vary between
+    calls (its result never depends on the sample). Read-only, cached per `(n, size)`.
+    """
+    size = max(1, min(size, n))
+    edges = np.arange(size + 1, dtype=np.int64) * n // size
+    draw = np.random.default_rng(0x5EC7).random(size)
+    positions = edges[:-1] + (draw * (edges[1:] - edges[:-1])).astype(np.int64)
+    positions.setflags(write=False)
+    return positions
+
+
 def band_limits(sample: torch.Tensor | np.ndarray, n: int, k: int) -> tuple[int, int]:
     """Keys `(lo, hi)` that bracket the k-th largest of n keys, judged from a sample of them."""
-    ordered = np.sort(np.asarray(sample, dtype=np.int64))[::-1]
+    ordered = np.sort(np.asarray(sample).reshape(-1))[::-1]
     s = ordered.size
     q = k / n
     margin = 6.0 * math.sqrt(s * q * (1 - q)) + 32
@@ -60,7 +81,8 @@ def kth_largest(keys: torch.Tensor, k: int) -> tuple[int, int]:
     """`(t, above)`: the k-th largest of flat integer `keys` and how many keys are strictly greater."""
     n = keys.numel()
     if n > _SMALL:
-        lo, hi = band_limits(keys[:: n // SAMPLE_SIZE].cpu(), n, k)
+        where = torch.tensor(sample_positions(n, SAMPLE_SIZE), device=keys.device)
+        lo, hi = band_limits(keys[where].cpu(), n, k)
         above_hi = int((keys > hi).sum())
         if above_hi < k:
             band = keys[(keys >= lo) & (keys <= hi)]

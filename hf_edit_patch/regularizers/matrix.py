@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import PatchError
@@ -41,11 +42,35 @@ def keep_count(keep_ratio: float, numel: int) -> int:
     return min(numel, max(1, math.floor(_check_keep_ratio(keep_ratio) * numel + 0.5)))
 
 
+def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
+    """A flat NumPy view of a CPU float16/32/64 tensor (bfloat16 as its int16 bits), or None.
+
+    On CPU, reductions over ΔW and the kept values run in NumPy: one thread, while torch splits a reduction over
+    its intra-op threads and waits for the slowest, which a busy core can hold up for a scheduler tick (measured on
+    2 cores beside a busy process: 8.7 ms instead of 0.17 ms for the sum of 884K entries).
+    """
+    if t.device.type != "cpu" or t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return None
+    t = t.detach().reshape(-1)
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _all_finite(delta: torch.Tensor) -> bool:
+    view = _numpy_view(delta)
+    if view is None:
+        # a sum is finite iff every entry is (or it overflowed: then look at every entry)
+        return math.isfinite(float(delta.sum(dtype=torch.float32))) or bool(torch.isfinite(delta).all())
+    if view.dtype == np.int16:  # bfloat16: finite iff the exponent bits are not all ones
+        return not bool(np.any(np.bitwise_and(view, 0x7F80) == 0x7F80))
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(view, dtype=np.float64 if view.dtype == np.float64 else np.float32)
+        return math.isfinite(float(total)) or bool(np.isfinite(view).all())
+
+
 def _check_delta(delta: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(delta, torch.Tensor) or delta.dim() != 2 or not delta.dtype.is_floating_point:
         raise PatchError(f"{name}: ΔW must be a 2-D floating tensor, got {getattr(delta, 'shape', type(delta))}")
-    # a sum is finite iff every entry is (or it overflowed: then look at every entry)
-    if not math.isfinite(float(delta.sum(dtype=torch.float32))) and not bool(torch.isfinite(delta).all()):
+    if not _all_finite(delta):
         raise PatchError(f"{name}: ΔW has non-finite entries ({int((~torch.isfinite(delta)).sum())} of them)")
     return delta
 
@@ -57,9 +82,17 @@ def _nonneg_float_keys(scores: torch.Tensor) -> torch.Tensor:
 
 def _kept(flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> SparseDelta:
     """Drops entries whose value is exactly zero (they change nothing) and wraps the rest."""
-    if int(torch.count_nonzero(values)) < values.numel():  # a reduction without a mask: the common case is fast
-        nonzero = values != 0
-        flat, values = flat[nonzero], values[nonzero]
+    view = _numpy_view(values)
+    if view is None:
+        if int(torch.count_nonzero(values)) < values.numel():  # a reduction without a mask: the common case is fast
+            nonzero = values != 0
+            flat, values = flat[nonzero], values[nonzero]
+    else:
+        if view.dtype == np.int16:  # bfloat16 bits: ±0 is zero
+            view = np.bitwise_and(view, 0x7FFF)
+        if np.count_nonzero(view) < view.size:
+            nonzero = torch.from_numpy(view != 0)
+            flat, values = flat[nonzero], values[nonzero]
     return SparseDelta._trusted(flat, values, shape)  # positions sorted, unique and in range by construction
 
 
