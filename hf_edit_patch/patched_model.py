@@ -20,31 +20,39 @@ Example:
 A PEFT `PeftModel` (a base with LoRA adapters, say) can be wrapped too: patches address the base model's module
 names, are written into the base weights under PEFT's wrappers while the adapters stay active, and `unload()`
 returns the `PeftModel` exactly as it was.
+
+One model, one stack: the attached patches, their undo data and a re-entrant lock live on the wrapped model itself
+(attribute `_hf_edit_patch_stack`), so every `PatchedModel` wrapping the same model shows and changes the same
+stack. Weight-changing calls (`add_patch`, `load_patch`, `remove_patch`, `disable_patches` for the length of its
+block, `edit`, `compact`, `unload`, `merge_and_unload`, loading a saved stack) hold that lock, so calls from several
+threads give the result of some serial order, bit for bit. Forward passes do not take it: hold `pm.lock` around
+them to keep another thread from changing the weights in the middle of one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import functools
 import logging
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from .errors import FingerprintMismatchError, PatchError, PatchFormatError, PatchNotFoundError, PatchValidationError
-from .hub.files import atomic_write
+from .hub.files import atomic_write_files
 from .hub.push import PushOptions, push_folder
 from .hub.resolve import resolve_file
 from .kernels.sparse_add import restore_, sparse_add_
 from .modules import merged_adapters, resolve_weight, unwrap_peft
-from .patch.config import CONFIG_NAME, STACK_NAME, check_patch_name
+from .patch.config import CONFIG_NAME, STACK_NAME, check_patch_name, read_stack, stack_json
 from .patch.edit_patch import EditPatch
 from .patch.encoding import dtype_name, fingerprint
 
@@ -82,11 +90,70 @@ def _check_finite(
         )
 
 
+STACK_ATTRIBUTE = "_hf_edit_patch_stack"
+_CREATING = threading.Lock()  # held only while a model's stack is created
+
+
+class _PatchStack:
+    """The patches attached to one model, their undo data and the lock that serializes changing them.
+
+    Stored on the model (`STACK_ATTRIBUTE`), so that every wrapper of the model shares it. A copy of the model
+    (`copy.deepcopy`, pickle) carries a copy of the patches that are applied in it, with a lock of its own.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.patches: OrderedDict[str, EditPatch] = OrderedDict()
+        self.applied: dict[str, list[_Applied]] = {}
+        self.disabled = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        with self.lock:  # inside disable_patches() nothing is applied: the copy has the base weights, no patches
+            applied = {n: self.applied[n] for n in self.patches if n in self.applied}
+            return {"patches": OrderedDict((n, self.patches[n]) for n in applied), "applied": applied}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+        self.patches.update(state["patches"])
+        self.applied.update(state["applied"])
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _serialized(method: F) -> F:
+    """Runs `method` holding the model's stack lock."""
+
+    @functools.wraps(method)
+    def locked(self: PatchedModel, *args: Any, **kwargs: Any) -> Any:
+        with self._stack.lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
+def _stack_of(model: nn.Module) -> _PatchStack:
+    """The stack of the model whose weights patches change (inside a PEFT model, its base), created once."""
+    target = unwrap_peft(model)
+    stack = target.__dict__.get(STACK_ATTRIBUTE)
+    if stack is None:
+        with _CREATING:
+            stack = target.__dict__.get(STACK_ATTRIBUTE)
+            if stack is None:
+                stack = _PatchStack()
+                object.__setattr__(target, STACK_ATTRIBUTE, stack)
+    return stack
+
+
 class PatchedModel(nn.Module):
     """A model with edit patches attached, in the manner of PEFT's `PeftModel`.
 
     `base_model` is the very model object passed in; its weights are the patched weights while patches are
     active. Calls and unknown attributes (`config`, `generate`, `device`, ...) are delegated to it.
+
+    Wrapping a model that another `PatchedModel` already wraps joins its stack: both wrappers show the same active
+    patches, and a patch attached through one is removed through the other. All weight-changing methods are
+    thread-safe (see the module docstring); `lock` is the re-entrant lock they hold.
 
     Args:
         model: any `torch.nn.Module`: typically a transformers `PreTrainedModel`, or a PEFT `PeftModel` (patches then
@@ -104,9 +171,20 @@ class PatchedModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.training = model.training  # mirror the wrapped model (nn.Module starts in training mode)
-        self._patches: OrderedDict[str, EditPatch] = OrderedDict()
-        self._applied: dict[str, list[_Applied]] = {}
-        self._disabled = 0
+        self._stack = _stack_of(model)
+
+    @property
+    def _patches(self) -> OrderedDict[str, EditPatch]:
+        return self._stack.patches
+
+    @property
+    def _applied(self) -> dict[str, list[_Applied]]:
+        return self._stack.applied
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The re-entrant lock every weight-changing call on this model holds (shared by all its wrappers)."""
+        return self._stack.lock
 
     # ------------------------------------------------------------------ delegation
     def __getattr__(self, name: str) -> Any:
@@ -127,19 +205,21 @@ class PatchedModel(nn.Module):
     @property
     def active_patches(self) -> list[str]:
         """Names of the attached patches, in application order."""
-        return list(self._patches)
+        with self.lock:
+            return list(self._patches)
 
     @property
     def patches(self) -> dict[str, EditPatch]:
         """`{name: EditPatch}` of the attached patches, in application order (a copy)."""
-        return dict(self._patches)
+        with self.lock:
+            return dict(self._patches)
 
     def __repr__(self) -> str:
-        state = " (disabled)" if self._disabled else ""
+        state = " (disabled)" if self._stack.disabled else ""
         return f"PatchedModel(patches={self.active_patches}{state}, base_model={type(self.base_model).__name__})"
 
     def _require_enabled(self, what: str) -> None:
-        if self._disabled:
+        if self._stack.disabled:
             raise PatchError(f"cannot {what} inside disable_patches(); leave the `with` block first")
 
     # ------------------------------------------------------------------ low level
@@ -239,6 +319,7 @@ class PatchedModel(nn.Module):
             self._applied[name] = self._apply(self._patches[name])
 
     # ------------------------------------------------------------------ public API
+    @_serialized
     def add_patch(self, patch: EditPatch, patch_name: str = "default", *, strict: bool = False) -> PatchedModel:
         """Attaches `patch` on top of the active ones, or raises leaving the model untouched.
 
@@ -260,6 +341,7 @@ class PatchedModel(nn.Module):
         logger.info("Attached patch %r (%d modules, %d entries)", patch_name, len(patch.deltas), patch.nnz)
         return self
 
+    @_serialized
     def load_patch(
         self,
         path_or_repo_id: str | os.PathLike | EditPatch,
@@ -278,6 +360,7 @@ class PatchedModel(nn.Module):
         )
         return self.add_patch(patch, patch_name, strict=strict)
 
+    @_serialized
     def remove_patch(self, patch_name: str) -> EditPatch:
         """Takes one patch off (top or middle); the weights become base + the remaining patches, exactly."""
         if patch_name not in self._patches:
@@ -296,21 +379,26 @@ class PatchedModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_patches(self) -> Iterator[PatchedModel]:
-        """Context manager: the base weights inside, the patches re-applied (exactly) on exit, even on error."""
-        if self._disabled:
-            self._disabled += 1
+        """Context manager: the base weights inside, the patches re-applied (exactly) on exit, even on error.
+
+        The block holds the model's lock: other threads' weight-changing calls wait until it ends.
+        """
+        stack = self._stack
+        with stack.lock:
+            if stack.disabled:
+                stack.disabled += 1
+                try:
+                    yield self
+                finally:
+                    stack.disabled -= 1
+                return
+            names = self._unapply_down_to(0)
+            stack.disabled = 1
             try:
                 yield self
             finally:
-                self._disabled -= 1
-            return
-        names = self._unapply_down_to(0)
-        self._disabled = 1
-        try:
-            yield self
-        finally:
-            self._disabled = 0
-            self._reapply(names)
+                stack.disabled = 0
+                self._reapply(names)
 
     @classmethod
     def register_edit_function(cls, fn: Callable[..., EditPatch]) -> None:
@@ -323,6 +411,7 @@ class PatchedModel(nn.Module):
             raise TypeError(f"the edit function must be callable, got {type(fn).__name__}")
         PatchedModel._edit_function = fn
 
+    @_serialized
     def edit(self, tokenizer: Any, requests: Any, *, patch_name: str | None = None, **kwargs: Any) -> EditPatch:
         """Sequential editing: computes an edit on the current (patched) weights and stacks it on top.
 
@@ -346,6 +435,7 @@ class PatchedModel(nn.Module):
         self.add_patch(patch, name)
         return patch
 
+    @_serialized
     def compact(
         self,
         keep_ratio: float | None = None,
@@ -404,6 +494,7 @@ class PatchedModel(nn.Module):
             raise
         return patch
 
+    @_serialized
     def unload(self) -> nn.Module:
         """Removes every patch and returns the base model, bit-identical to what was passed in."""
         self._require_enabled("unload")
@@ -411,6 +502,7 @@ class PatchedModel(nn.Module):
         self._patches.clear()
         return self.base_model
 
+    @_serialized
     def merge_and_unload(self) -> nn.Module:
         """Returns the base model with the active patches baked in (the undo data is dropped)."""
         self._require_enabled("merge")
@@ -451,13 +543,7 @@ class PatchedModel(nn.Module):
             raise PatchNotFoundError(
                 f"{where} has neither {CONFIG_NAME} (a patch) nor {STACK_NAME} (a stack saved by PatchedModel)"
             )
-        try:
-            with open(stack_file, encoding="utf-8") as f:
-                names = json.load(f)["patches"]
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise TypeError("patches must be a list of names")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise PatchFormatError(f"{stack_file} is not a valid patch stack ({exc})") from exc
+        names = read_stack(stack_file)
         for name in names:  # before anything is read: a name is also a subfolder path
             check_patch_name(name, dict.fromkeys(pm.active_patches))
         if len(set(names)) != len(names):
@@ -467,25 +553,30 @@ class PatchedModel(nn.Module):
             for n in names
         ]
         attached = []
-        try:
-            for name, patch in patches:
-                pm.add_patch(patch, name, strict=strict)
-                attached.append(name)
-        except BaseException:
-            for name in reversed(attached):
-                pm.remove_patch(name)
-            raise
+        with pm.lock:  # the whole stack or nothing, with no other call in between
+            try:
+                for name, patch in patches:
+                    pm.add_patch(patch, name, strict=strict)
+                    attached.append(name)
+            except BaseException:
+                for name in reversed(attached):
+                    pm.remove_patch(name)
+                raise
         return pm
 
+    @_serialized
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str:
-        """Saves every active patch in its own subfolder (named after the patch) and the order in patch_stack.json."""
+        """Saves every active patch in its own subfolder (named after the patch) and the order in patch_stack.json.
+
+        The whole stack is one atomic set of files: a kill at any instant leaves the previous save or this one,
+        each loading exactly (see `hf_edit_patch.hub.files`). Takes the options of `EditPatch.save_pretrained`.
+        """
         save_directory = os.fspath(save_directory)
-        os.makedirs(save_directory, exist_ok=True)
+        files = {}
         for name, patch in self._patches.items():
-            patch.save_pretrained(os.path.join(save_directory, name), **kwargs)
-        atomic_write(
-            os.path.join(save_directory, STACK_NAME), json.dumps({"patches": self.active_patches}, indent=2) + "\n"
-        )
+            files.update(patch.files_to_save(os.path.join(save_directory, name), **kwargs))
+        files[os.path.join(save_directory, STACK_NAME)] = stack_json(self.active_patches)
+        atomic_write_files(files, root=save_directory)
         return save_directory
 
     def push_to_hub(

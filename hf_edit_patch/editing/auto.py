@@ -44,8 +44,6 @@ def auto_keep_ratio(model: nn.Module, tokenizer: Any, update: EditUpdate, common
             _, details = score_edits(pm, tokenizer, reqs, return_details=True)
         finally:
             pm.remove_patch(name)
-            if pm is not model:
-                pm.unload()
         return [(d["reliability"], d["generalization"]) for d in details]
 
     def as_good(got: list, want: list) -> bool:

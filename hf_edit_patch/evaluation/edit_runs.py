@@ -152,8 +152,6 @@ def evaluate_edits(
         bar.close()
         for name in reversed(added):
             pm.remove_patch(name)
-        if pm is not model:
-            pm.unload()
 
     scores = {k: mean_or_none([d[k] for d in details if d.get(k) is not None]) for k in METRIC_KEYS}
     logger.info(

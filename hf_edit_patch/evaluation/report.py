@@ -146,8 +146,6 @@ def evaluate_patch(
         patched_tasks = task_scores()
     finally:
         pm.remove_patch(name)
-        if pm is not model:
-            pm.unload()
 
     model_id, revision = model_source(pm.base_model)
     cfg = patch.config

@@ -436,8 +436,8 @@ def card_is_generated_and_unedited(text: str) -> bool:
     return tail.strip().removesuffix("-->").strip() == hashlib.sha256(body.rstrip().encode()).hexdigest()
 
 
-def write_card(path: str, body: str, *, overwrite: bool, write: Callable[[str, str], None]) -> bool:
-    """Writes README.md unless a person edited the existing one (then it is kept unless `overwrite`)."""
+def keeps_existing_card(path: str, *, overwrite: bool) -> bool:
+    """Whether `path` holds a README.md that a person edited and that is kept (not `overwrite`); logs why."""
     if os.path.exists(path) and not overwrite:
         with open(path, encoding="utf-8", errors="replace") as f:
             existing = f.read()
@@ -447,6 +447,13 @@ def write_card(path: str, body: str, *, overwrite: bool, write: Callable[[str, s
                 "overwrite_card=True to replace it.",
                 path,
             )
-            return False
+            return True
+    return False
+
+
+def write_card(path: str, body: str, *, overwrite: bool, write: Callable[[str, str], None]) -> bool:
+    """Writes README.md unless a person edited the existing one (then it is kept unless `overwrite`)."""
+    if keeps_existing_card(path, overwrite=overwrite):
+        return False
     write(path, card_with_marker(body))
     return True

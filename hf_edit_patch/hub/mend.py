@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from ..editors.mend.network import MEND_FORMAT, MEND_FORMAT_VERSION, MendConfig, MendEditor
 from ..errors import PatchFormatError
 from . import resolve
-from .cards import write_card
-from .files import atomic_write
+from .cards import card_with_marker, keeps_existing_card
+from .files import FileData, atomic_write_files
 from .push import PushOptions, push_folder
 
 if TYPE_CHECKING:
@@ -62,10 +62,14 @@ def save_mend_editor(editor: MendEditor, save_directory: str | os.PathLike, *, o
     def write_weights(tmp: str) -> None:
         save_file(tensors, tmp, metadata={"format": MEND_FORMAT, "format_version": str(MEND_FORMAT_VERSION)})
 
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), write_weights)
-    atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(editor.config.to_dict(), indent=2) + "\n")
-    card = mend_card(editor.config)
-    write_card(os.path.join(directory, "README.md"), card, overwrite=overwrite_card, write=atomic_write)
+    files: dict[str, FileData] = {
+        os.path.join(directory, WEIGHTS_NAME): write_weights,
+        os.path.join(directory, CONFIG_NAME): json.dumps(editor.config.to_dict(), indent=2) + "\n",
+    }
+    readme = os.path.join(directory, "README.md")
+    if not keeps_existing_card(readme, overwrite=overwrite_card):
+        files[readme] = card_with_marker(mend_card(editor.config))
+    atomic_write_files(files)  # one set: a kill leaves the previous editor or this one
     if editor.name_or_path is None:
         editor.name_or_path = directory
 

@@ -18,6 +18,7 @@ from huggingface_hub.errors import (
 )
 
 from ..errors import PatchNotFoundError
+from .files import committed_path
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def resolve_file(
     source = os.fspath(path_or_repo_id)
     rel = f"{subfolder}/{filename}" if subfolder else filename
     if os.path.isdir(source):
-        local = os.path.join(source, subfolder or "", filename)
+        local = committed_path(source, rel)  # a save cut short after its commit point reads as the new one
         if os.path.isfile(local):
             return local
         if missing_ok:

@@ -237,3 +237,24 @@ def check_patch_name(name: str, existing: Mapping[str, Any] | Iterable[str] = ()
         )
     if name in existing:
         raise PatchError(f"a patch named {name!r} is already attached; active patches: {list(existing)}")
+
+
+def stack_json(names: list[str]) -> str:
+    """The text of `patch_stack.json`: the names of a stack's patches, bottom first."""
+    return json.dumps({"patches": list(names)}, indent=2) + "\n"
+
+
+def read_stack(path: str) -> list[str]:
+    """The patch names that `patch_stack.json` at `path` lists, bottom first.
+
+    Raises:
+        PatchFormatError: the file is not a stack written by `PatchedModel.save_pretrained`.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = json.load(f)["patches"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError("patches must be a list of names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise PatchFormatError(f"{path} is not a valid patch stack ({exc})") from exc
+    return names

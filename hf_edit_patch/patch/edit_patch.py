@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import PatchError, PatchFormatError
-from ..hub.cards import patch_card, write_card
-from ..hub.files import atomic_write, atomic_write_files, file_sha256
+from ..hub.cards import card_with_marker, keeps_existing_card, patch_card
+from ..hub.files import FileData, atomic_write_files, file_sha256
 from ..hub.push import PushOptions, push_folder
 from ..hub.resolve import resolve_file
 from ..interop import peft as shira
@@ -257,7 +257,10 @@ class EditPatch:
         card_repo_id: str | None = None,
         **peft_kwargs: Any,
     ) -> str:
-        """Writes `patch_config.json`, `patch_model.safetensors` and a `README.md` card, each atomically.
+        """Writes `patch_config.json`, `patch_model.safetensors` and a `README.md` card as one atomic set.
+
+        A kill at any instant leaves the folder's previous patch or this one, each loading exactly (see
+        `hf_edit_patch.hub.files`).
 
         With `format="peft"`, writes a PEFT SHiRA adapter instead (see `to_peft`, which takes `peft_kwargs`).
         An existing README.md that a person edited is kept unless `overwrite_card=True`; the card
@@ -274,9 +277,29 @@ class EditPatch:
         if peft_kwargs:
             raise TypeError(f"{sorted(peft_kwargs)} apply to format='peft' only")
         save_directory = os.fspath(save_directory)
+        atomic_write_files(
+            self.files_to_save(
+                save_directory, overwrite_card=overwrite_card, license=license, card_repo_id=card_repo_id
+            )
+        )
+        return save_directory
+
+    def files_to_save(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        overwrite_card: bool = False,
+        license: str | None = None,
+        card_repo_id: str | None = None,
+    ) -> dict[str, FileData]:
+        """`{path: writer}` of the native save (weights, config, card) for `hub.files.atomic_write_files`.
+
+        The writers run in order: the config records the hash of the weights just written, and becomes this
+        patch's `config` (with the storage encodings chosen). A README.md that a person edited is left out.
+        """
+        save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise PatchError(f"save_directory {save_directory!r} is a file; give a folder path")
-        os.makedirs(save_directory, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         modules = {}
         for name, delta in self.deltas.items():
@@ -293,18 +316,21 @@ class EditPatch:
         def write_config(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(config.to_json_string())
+            self.config = config
 
-        # both files are written aside first: a failure leaves the previous save whole
-        atomic_write_files(
-            {
-                os.path.join(save_directory, WEIGHTS_NAME): write_weights,
-                os.path.join(save_directory, CONFIG_NAME): write_config,
-            }
-        )
-        self.config = config
-        card = patch_card(self, repo_id=card_repo_id or save_directory, license=license)
-        write_card(os.path.join(save_directory, "README.md"), str(card), overwrite=overwrite_card, write=atomic_write)
-        return save_directory
+        def write_readme(tmp: str) -> None:
+            card = patch_card(self, repo_id=card_repo_id or save_directory, license=license)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(card_with_marker(str(card)))
+
+        files: dict[str, FileData] = {
+            os.path.join(save_directory, WEIGHTS_NAME): write_weights,
+            os.path.join(save_directory, CONFIG_NAME): write_config,
+        }
+        readme = os.path.join(save_directory, "README.md")
+        if not keeps_existing_card(readme, overwrite=overwrite_card):
+            files[readme] = write_readme
+        return files
 
     def to_peft(
         self, save_directory: str | os.PathLike, *, r: int | None = None, task_type: str | None = "CAUSAL_LM"
