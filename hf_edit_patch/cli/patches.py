@@ -290,7 +290,7 @@ def _print_patch(info: dict[str, Any]) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from ..errors import PatchNotFoundError
     from ..hub.resolve import resolve_file
-    from ..patch.config import CONFIG_NAME, STACK_NAME
+    from ..patch.config import CONFIG_NAME, STACK_NAME, read_stack
     from ..patch.edit_patch import EditPatch
 
     kwargs = hub_kwargs(args)
@@ -301,8 +301,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         stack = resolve_file(args.patch, STACK_NAME, subfolder=sub, missing_ok=True, **kwargs)
         if stack is None:
             raise PatchNotFoundError(f"{args.patch!r} has neither {CONFIG_NAME} (a patch) nor {STACK_NAME} (a stack)")
-        with open(stack, encoding="utf-8") as f:
-            names = json.load(f).get("patches", [])
+        names = read_stack(stack)
         subfolders = [f"{sub}/{n}" if sub else n for n in names]
     patches = [(s, EditPatch.from_pretrained(args.patch, subfolder=s, **kwargs)) for s in subfolders]
     infos = [_describe(p, args.patch, s) for s, p in patches]

@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -34,8 +33,9 @@ from huggingface_hub import ModelCard
 
 from ..errors import PatchError, PatchFormatError, PatchNotFoundError
 from ..hub.cards import card_is_generated_and_unedited, card_with_marker, evaluation_card, patch_card
+from ..hub.files import committed_path
 from ..hub.push import PushOptions, push_folder
-from ..patch.config import CONFIG_NAME, STACK_NAME, check_patch_name
+from ..patch.config import CONFIG_NAME, STACK_NAME, check_patch_name, read_stack
 from ..patch.edit_patch import EditPatch
 from .report import CARD_FILE, EVAL_FILE, load_evaluation
 
@@ -148,13 +148,12 @@ def stage_patch_folder(
 
 
 def _stack_names(folder: str) -> list[str]:
-    path = os.path.join(folder, STACK_NAME)
+    path = committed_path(folder, STACK_NAME)  # the committed stack, also while a save is being completed
     try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f)["patches"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        names = read_stack(path)
+    except OSError as exc:
         raise PatchFormatError(f"{path} is not a valid patch stack ({exc})") from exc
-    if not isinstance(names, list) or not names:
+    if not names:
         raise PatchFormatError(f"{path} must list the stack's patch names under 'patches'")
     for name in names:
         check_patch_name(name)
