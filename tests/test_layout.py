@@ -28,6 +28,7 @@ FORBIDDEN = {
     "errors": UPPER,
     "requests": UPPER,
     "batching": UPPER,
+    "lazy": UPPER,
     "kernels": UPPER,
     "modules": UPPER - {"patch"},  # module layouts are the patch format's
     # pure computation: editors return ΔW and touch no file
