@@ -29,6 +29,7 @@ FORBIDDEN = {
     "requests": UPPER,
     "batching": UPPER,
     "lazy": UPPER,
+    "progress": UPPER,
     "kernels": UPPER,
     "modules": UPPER - {"patch"},  # module layouts are the patch format's
     # pure computation: editors return ΔW and touch no file
