@@ -32,120 +32,28 @@ them to keep another thread from changing the weights in the middle of one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import logging
 import os
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .errors import FingerprintMismatchError, PatchError, PatchFormatError, PatchNotFoundError, PatchValidationError
-from .hub.files import atomic_write_files
-from .hub.push import PushOptions, push_folder
-from .hub.resolve import resolve_file
-from .kernels.sparse_add import restore_, sparse_add_
-from .modules import merged_adapters, resolve_weight, unwrap_peft
-from .patch.config import CONFIG_NAME, STACK_NAME, check_patch_name, read_stack, stack_json
-from .patch.edit_patch import EditPatch
-from .patch.encoding import dtype_name, fingerprint
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
-
-    from .hub.push import PushKwargs
+from ..errors import PatchError
+from ..modules import resolve_weight
+from ..patch.config import check_patch_name
+from ..patch.edit_patch import EditPatch
+from .persistence import StackPersistence
+from .stack import serialized, stack_of
+from .writes import Applied, apply_patch, restore_weights, validate_patch
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class _Applied:
-    """What one patch wrote into one weight: where, and the values that were there before."""
-
-    module: str
-    flat: torch.Tensor
-    original: torch.Tensor
-
-
-def _check_finite(
-    name: str, weight: torch.Tensor, flat: torch.Tensor, original: torch.Tensor, values: torch.Tensor
-) -> None:
-    """Raises if cast(W + ΔW) overflowed somewhere; skips the gather when |W| + |ΔW| cannot reach the dtype's max."""
-    if not flat.numel():
-        return
-    bound = float(original.abs().max().to(torch.float64)) + float(values.abs().max().to(torch.float64))
-    if bound <= torch.finfo(weight.dtype).max:
-        return
-    bad = ~torch.isfinite(weight.view(-1)[flat])
-    if bool(bad.any()):
-        raise PatchValidationError(
-            f"module {name!r}: adding the patch makes {int(bad.sum())} entries non-finite in {weight.dtype} (first at "
-            f"flat index {int(flat[bad.nonzero()[0]])}); the patch does not fit this weight dtype"
-        )
-
-
-STACK_ATTRIBUTE = "_hf_edit_patch_stack"
-_CREATING = threading.Lock()  # held only while a model's stack is created
-
-
-class _PatchStack:
-    """The patches attached to one model, their undo data and the lock that serializes changing them.
-
-    Stored on the model (`STACK_ATTRIBUTE`), so that every wrapper of the model shares it. A copy of the model
-    (`copy.deepcopy`, pickle) carries a copy of the patches that are applied in it, with a lock of its own.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self.patches: OrderedDict[str, EditPatch] = OrderedDict()
-        self.applied: dict[str, list[_Applied]] = {}
-        self.disabled = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        with self.lock:  # inside disable_patches() nothing is applied: the copy has the base weights, no patches
-            applied = {n: self.applied[n] for n in self.patches if n in self.applied}
-            return {"patches": OrderedDict((n, self.patches[n]) for n in applied), "applied": applied}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()
-        self.patches.update(state["patches"])
-        self.applied.update(state["applied"])
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _serialized(method: F) -> F:
-    """Runs `method` holding the model's stack lock."""
-
-    @functools.wraps(method)
-    def locked(self: PatchedModel, *args: Any, **kwargs: Any) -> Any:
-        with self._stack.lock:
-            return method(self, *args, **kwargs)
-
-    return locked  # type: ignore[return-value]
-
-
-def _stack_of(model: nn.Module) -> _PatchStack:
-    """The stack of the model whose weights patches change (inside a PEFT model, its base), created once."""
-    target = unwrap_peft(model)
-    stack = target.__dict__.get(STACK_ATTRIBUTE)
-    if stack is None:
-        with _CREATING:
-            stack = target.__dict__.get(STACK_ATTRIBUTE)
-            if stack is None:
-                stack = _PatchStack()
-                object.__setattr__(target, STACK_ATTRIBUTE, stack)
-    return stack
-
-
-class PatchedModel(nn.Module):
+class PatchedModel(StackPersistence, nn.Module):
     """A model with edit patches attached, in the manner of PEFT's `PeftModel`.
 
     `base_model` is the very model object passed in; its weights are the patched weights while patches are
@@ -171,14 +79,14 @@ class PatchedModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.training = model.training  # mirror the wrapped model (nn.Module starts in training mode)
-        self._stack = _stack_of(model)
+        self._stack = stack_of(model)
 
     @property
     def _patches(self) -> OrderedDict[str, EditPatch]:
         return self._stack.patches
 
     @property
-    def _applied(self) -> dict[str, list[_Applied]]:
+    def _applied(self) -> dict[str, list[Applied]]:
         return self._stack.applied
 
     @property
@@ -222,104 +130,21 @@ class PatchedModel(nn.Module):
         if self._stack.disabled:
             raise PatchError(f"cannot {what} inside disable_patches(); leave the `with` block first")
 
-    # ------------------------------------------------------------------ low level
-    def _validate(self, patch: EditPatch, *, strict: bool) -> None:
-        """Checks that a patch fits the current weights (layout, shape, tied targets, fingerprints); writes nothing."""
-        seen: dict[int, str] = {}
-        mismatched = []
-        for name, delta in patch.deltas.items():
-            record = patch.config.modules[name]
-            _, weight, layout = resolve_weight(self.base_model, name)
-            merged = merged_adapters(unwrap_peft(self.base_model).get_submodule(name))
-            if merged:
-                raise PatchValidationError(
-                    f"module {name!r}: the PEFT adapter(s) {merged} are merged into its weight; unmerge them first "
-                    "(peft_model.unmerge_adapter()) so that the patch is applied to, and removed from, the base weight"
-                )
-            if layout != record.layout:
-                raise PatchValidationError(
-                    f"module {name!r} has layout {layout!r} but the patch was computed for {record.layout!r} "
-                    "(e.g. a GPT-2 Conv1D patch on an nn.Linear model): the patch does not fit this model"
-                )
-            if tuple(weight.shape) != delta.shape:
-                raise PatchValidationError(
-                    f"module {name!r}: weight shape {list(weight.shape)} does not match the patch's "
-                    f"{list(delta.shape)}"
-                )
-            if not weight.is_contiguous():
-                raise PatchValidationError(f"module {name!r}: weight is not contiguous and cannot be patched in place")
-            key = weight.untyped_storage().data_ptr() + weight.storage_offset() * weight.element_size()
-            if key in seen:
-                raise PatchValidationError(
-                    f"modules {seen[key]!r} and {name!r} share one weight tensor (tied weights); a patch may target "
-                    "it through one name only"
-                )
-            seen[key] = name
-            if record.fingerprint is not None and fingerprint(weight) != record.fingerprint:
-                mismatched.append((name, record, weight.dtype))
-        if mismatched:
-            details = ", ".join(
-                n
-                + (
-                    f" (now {dtype_name(dt)}, patch computed on {r.weight_dtype})"
-                    if r.weight_dtype and r.weight_dtype != dtype_name(dt)
-                    else ""
-                )
-                for n, r, dt in mismatched[:3]
-            ) + (", ..." if len(mismatched) > 3 else "")
-            msg = (
-                f"the weights of {len(mismatched)} target module(s) differ from those the patch was computed on: "
-                f"{details}. The edit may not hold on these weights."
-            )
-            if strict:
-                raise FingerprintMismatchError(msg + " (strict=True)")
-            warnings.warn(msg + " Pass strict=True to make this an error.", stacklevel=4)
-
-    def _apply(self, patch: EditPatch) -> list[_Applied]:
-        """Writes a patch into the weights with the sparse-add kernel; undone entirely if any result is not finite."""
-        applied: list[_Applied] = []
-        try:
-            with torch.no_grad():
-                for name, delta in patch.deltas.items():
-                    _, weight, _ = resolve_weight(self.base_model, name)
-                    flat = delta.flat_indices.to(weight.device)
-                    values = delta.values.to(weight.device)
-                    original = sparse_add_(weight.data, flat, values)
-                    applied.append(_Applied(name, flat, original))
-                    _check_finite(name, weight.data, flat, original, values)
-        except BaseException:
-            self._restore(applied)
-            raise
-        return applied
-
-    def _restore(self, applied: list[_Applied]) -> None:
-        with torch.no_grad():
-            for a in reversed(applied):
-                _, weight, _ = resolve_weight(self.base_model, a.module)
-                original = a.original
-                if original.dtype != weight.dtype or original.device != weight.device:
-                    warnings.warn(
-                        f"module {a.module!r} changed dtype or device while patched ({original.dtype} -> "
-                        f"{weight.dtype}); restoring with a cast, which cannot be bit-exact",
-                        stacklevel=3,
-                    )
-                    original = original.to(weight.device, weight.dtype)
-                restore_(weight.data, a.flat.to(weight.device), original)
-
+    # ------------------------------------------------------------------ stack mechanics
     def _unapply_down_to(self, index: int) -> list[str]:
         """Restores the patches at positions >= index (top first); returns their names, bottom first."""
         names = list(self._patches)[index:]
         for name in reversed(names):
             if name in self._applied:  # after a failed re-apply, the top ones may be off already
-                self._restore(self._applied.pop(name))
+                restore_weights(self.base_model, self._applied.pop(name))
         return names
 
     def _reapply(self, names: list[str]) -> None:
         for name in names:
-            self._applied[name] = self._apply(self._patches[name])
+            self._applied[name] = apply_patch(self.base_model, self._patches[name])
 
     # ------------------------------------------------------------------ public API
-    @_serialized
+    @serialized
     def add_patch(self, patch: EditPatch, patch_name: str = "default", *, strict: bool = False) -> PatchedModel:
         """Attaches `patch` on top of the active ones, or raises leaving the model untouched.
 
@@ -335,13 +160,13 @@ class PatchedModel(nn.Module):
             )
         check_patch_name(patch_name, self._patches)
         self._require_enabled("add a patch")
-        self._validate(patch, strict=strict)
-        self._applied[patch_name] = self._apply(patch)
+        validate_patch(self.base_model, patch, strict=strict)
+        self._applied[patch_name] = apply_patch(self.base_model, patch)
         self._patches[patch_name] = patch
         logger.info("Attached patch %r (%d modules, %d entries)", patch_name, len(patch.deltas), patch.nnz)
         return self
 
-    @_serialized
+    @serialized
     def load_patch(
         self,
         path_or_repo_id: str | os.PathLike | EditPatch,
@@ -360,7 +185,7 @@ class PatchedModel(nn.Module):
         )
         return self.add_patch(patch, patch_name, strict=strict)
 
-    @_serialized
+    @serialized
     def remove_patch(self, patch_name: str) -> EditPatch:
         """Takes one patch off (top or middle); the weights become base + the remaining patches, exactly."""
         if patch_name not in self._patches:
@@ -411,7 +236,7 @@ class PatchedModel(nn.Module):
             raise TypeError(f"the edit function must be callable, got {type(fn).__name__}")
         PatchedModel._edit_function = fn
 
-    @_serialized
+    @serialized
     def edit(self, tokenizer: Any, requests: Any, *, patch_name: str | None = None, **kwargs: Any) -> EditPatch:
         """Sequential editing: computes an edit on the current (patched) weights and stacks it on top.
 
@@ -435,7 +260,7 @@ class PatchedModel(nn.Module):
         self.add_patch(patch, name)
         return patch
 
-    @_serialized
+    @serialized
     def compact(
         self,
         keep_ratio: float | None = None,
@@ -494,7 +319,7 @@ class PatchedModel(nn.Module):
             raise
         return patch
 
-    @_serialized
+    @serialized
     def unload(self) -> nn.Module:
         """Removes every patch and returns the base model, bit-identical to what was passed in."""
         self._require_enabled("unload")
@@ -502,99 +327,10 @@ class PatchedModel(nn.Module):
         self._patches.clear()
         return self.base_model
 
-    @_serialized
+    @serialized
     def merge_and_unload(self) -> nn.Module:
         """Returns the base model with the active patches baked in (the undo data is dropped)."""
         self._require_enabled("merge")
         self._applied.clear()
         self._patches.clear()
         return self.base_model
-
-    # ------------------------------------------------------------------ persistence
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        path_or_repo_id: str | os.PathLike | EditPatch,
-        patch_name: str = "default",
-        *,
-        strict: bool = False,
-        **hub_kwargs: Any,
-    ) -> PatchedModel:
-        """Wraps `model` and attaches a patch (folder, Hub id or EditPatch) or a saved stack of patches.
-
-        A folder or repo written by `PatchedModel.save_pretrained` (with `patch_stack.json`) attaches every
-        patch of the stack under its saved name, in order; `patch_name` is then ignored.
-
-        Example:
-            ```python
-            >>> pm = PatchedModel.from_pretrained(model, "user/edit-patch")
-            ```
-        """
-        pm = model if getattr(model, "is_patched_model", False) else cls(model)
-        if isinstance(path_or_repo_id, EditPatch):
-            return pm.add_patch(path_or_repo_id, patch_name, strict=strict)
-        sub = hub_kwargs.pop("subfolder", None)
-        if resolve_file(path_or_repo_id, CONFIG_NAME, subfolder=sub, missing_ok=True, **hub_kwargs) is not None:
-            return pm.load_patch(path_or_repo_id, patch_name, strict=strict, subfolder=sub, **hub_kwargs)
-        stack_file = resolve_file(path_or_repo_id, STACK_NAME, subfolder=sub, missing_ok=True, **hub_kwargs)
-        if stack_file is None:
-            where = f"{os.fspath(path_or_repo_id)!r}" + (f" (subfolder {sub!r})" if sub else "")
-            raise PatchNotFoundError(
-                f"{where} has neither {CONFIG_NAME} (a patch) nor {STACK_NAME} (a stack saved by PatchedModel)"
-            )
-        names = read_stack(stack_file)
-        for name in names:  # before anything is read: a name is also a subfolder path
-            check_patch_name(name, dict.fromkeys(pm.active_patches))
-        if len(set(names)) != len(names):
-            raise PatchFormatError(f"{stack_file} lists a patch name twice: {names}")
-        patches = [
-            (n, EditPatch.from_pretrained(path_or_repo_id, subfolder=f"{sub}/{n}" if sub else n, **hub_kwargs))
-            for n in names
-        ]
-        attached = []
-        with pm.lock:  # the whole stack or nothing, with no other call in between
-            try:
-                for name, patch in patches:
-                    pm.add_patch(patch, name, strict=strict)
-                    attached.append(name)
-            except BaseException:
-                for name in reversed(attached):
-                    pm.remove_patch(name)
-                raise
-        return pm
-
-    @_serialized
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str:
-        """Saves every active patch in its own subfolder (named after the patch) and the order in patch_stack.json.
-
-        The whole stack is one atomic set of files: a kill at any instant leaves the previous save or this one,
-        each loading exactly (see `hf_edit_patch.hub.files`). Takes the options of `EditPatch.save_pretrained`.
-        """
-        save_directory = os.fspath(save_directory)
-        files = {}
-        for name, patch in self._patches.items():
-            files.update(patch.files_to_save(os.path.join(save_directory, name), **kwargs))
-        files[os.path.join(save_directory, STACK_NAME)] = stack_json(self.active_patches)
-        atomic_write_files(files, root=save_directory)
-        return save_directory
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        **options: Unpack[PushKwargs],
-    ) -> Any:
-        """Uploads the whole stack (one subfolder per patch, and `patch_stack.json`) in one commit.
-
-        Takes the options of `EditPatch.push_to_hub`; `PatchedModel.from_pretrained(model, repo_id)` loads the stack
-        back. Returns the `CommitInfo`.
-
-        Example:
-            ```python
-            >>> pm.push_to_hub("user/all-edits", revision="v2", create_pr=True)
-            ```
-        """
-        push = PushOptions.from_kwargs(options)
-        message = push.commit_message or f"Upload edit patches {self.active_patches}"
-        push = dataclasses.replace(push, commit_message=message)
-        return push_folder(lambda folder: self.save_pretrained(folder, license=push.license), repo_id, push)
