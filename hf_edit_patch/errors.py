@@ -37,3 +37,7 @@ class StatsUnavailableError(StatsError):
 
 class StatsFormatError(StatsError):
     """A corpus file, a statistics file or a statistics index is malformed or inconsistent."""
+
+
+class EvaluationFormatError(PatchFormatError):
+    """An evaluation (`eval.json`) or an experiment's results file (`results.json`) is malformed."""

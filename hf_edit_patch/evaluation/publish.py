@@ -76,9 +76,10 @@ def stage_patch_folder(
     """Lays out in `staging_dir` exactly what `push_patch_folder` uploads; returns the files, relative and sorted.
 
     The patch (or every patch of a stack) is loaded and validated first. Files of the folder are copied as they
-    are (hidden files, the folder's own `evaluation/` and its README excepted); the README is the folder's when a
-    person edited it (unless `overwrite_card`), else a fresh patch card with the evaluation (a stack gets the
-    evaluation card, when there is one). The evaluation folder goes to `evaluation/`.
+    are (hidden files, the folder's own `evaluation/` and its README excepted), each as loading reads it: the new
+    version when a save was cut short after its commit point, so an upload is never a torn mix of two saves. The
+    README is the folder's when a person edited it (unless `overwrite_card`), else a fresh patch card with the
+    evaluation (a stack gets the evaluation card, when there is one). The evaluation folder goes to `evaluation/`.
     """
     folder, staging_dir = os.fspath(folder), os.fspath(staging_dir)
     if os.path.exists(staging_dir) and (not os.path.isdir(staging_dir) or os.listdir(staging_dir)):
@@ -110,7 +111,18 @@ def stage_patch_folder(
         skipped |= {n for n in names if os.path.abspath(os.path.join(directory, n)) in (skip_eval, eval_dir)}
         return skipped
 
-    shutil.copytree(folder, staging_dir, ignore=ignore, dirs_exist_ok=True)
+    def copy_committed(src: str, dst: str) -> str:
+        # a save cut short after its commit point: copy the new file it committed, not the old one still in place
+        # (its own hidden temporary file, which `ignore` skips), so that the upload is the set the loader validated
+        committed = committed_path(folder, os.path.relpath(src, folder))
+        try:
+            return shutil.copy2(committed, dst)
+        except FileNotFoundError:
+            if committed == src:
+                raise
+            return shutil.copy2(src, dst)  # the save was just completed: the new file is in place now
+
+    shutil.copytree(folder, staging_dir, ignore=ignore, copy_function=copy_committed, dirs_exist_ok=True)
     if eval_dir is not None:
         shutil.copytree(
             eval_dir,
@@ -119,7 +131,7 @@ def stage_patch_folder(
             dirs_exist_ok=True,
         )
 
-    existing = _read_text(os.path.join(folder, CARD_FILE))
+    existing = _read_text(committed_path(folder, CARD_FILE))
     card: str | None
     if existing is not None and not overwrite_card and not card_is_generated_and_unedited(existing):
         logger.warning(

@@ -30,13 +30,14 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import PatchFormatError
+from ..errors import EvaluationFormatError
 from ..hub.cards import EDITING_METRICS, TASK_CARDS, evaluation_card, write_card
 from ..hub.files import atomic_write
 from ..modules import model_source
 from ..patch.edit_patch import EditPatch
 from ..patched_model import PatchedModel
 from ..requests import EditRequest, as_requests
+from ..schema import AnyJSON, Int, List, Map, Nullable, Number, Object, Str, read_json, shorten, validate
 from ..version import __version__
 from .scoring import locality_reference, score_edits
 from .tasks.run import run_general_tasks
@@ -50,6 +51,39 @@ PLOT_FILE = "scores.png"
 CARD_FILE = "README.md"
 EVAL_FORMAT = "hf_edit_patch.evaluation"
 EVAL_FORMAT_VERSION = 1
+_SCORES = Map(Nullable(Number()), max_length=1024)
+_BEFORE_AFTER = Object({"base": _SCORES, "patched": _SCORES}, extra="keep")
+# The declared schema of eval.json: what the card, the plot and publishing read; other keys are kept as they are.
+EVAL_SCHEMA = Object(
+    {
+        "format": Str(max_length=64),
+        "format_version": Int(1, EVAL_FORMAT_VERSION),
+        "library_version": Str(max_length=64),
+        "base_model": Object(
+            {"name_or_path": Nullable(Str(max_length=4096)), "revision": Nullable(Str(max_length=1024))}, extra="keep"
+        ),
+        "patch": Object(
+            {
+                "source": Nullable(Str(max_length=4096)),
+                "content_hash": Nullable(Str(max_length=71)),
+                "editor": Nullable(Str(max_length=256)),
+                "regularizer": Nullable(Str(max_length=64)),
+                "keep_ratio": Nullable(Number()),
+                "modules": List(Str(max_length=1024), max_length=100_000),
+                "nnz": Nullable(Int(0)),
+                "base_model": Nullable(Str(max_length=4096)),
+            },
+            extra="keep",
+        ),
+        "settings": Map(AnyJSON(), max_length=256),
+        "editing": _BEFORE_AFTER,
+        "tasks": _BEFORE_AFTER,
+        "plots": List(List(Str(max_length=1024), min_length=2, max_length=2), max_length=100),
+        "seconds": Nullable(Number()),
+    },
+    required=("format", "format_version"),
+    extra="keep",
+)
 
 
 def evaluate_patch(
@@ -253,17 +287,17 @@ def load_evaluation(path: str | os.PathLike) -> dict[str, Any]:
     if os.path.isdir(path):
         path = os.path.join(path, EVAL_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
+        results = read_json(path, error=EvaluationFormatError)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:
-        raise PatchFormatError(f"{path} is not a readable evaluation ({exc})") from exc
+    except OSError as exc:
+        raise EvaluationFormatError(f"{path} is not a readable evaluation ({exc})") from exc
     if not isinstance(results, dict) or results.get("format") != EVAL_FORMAT:
-        raise PatchFormatError(f"{path} is not an evaluation written by hf_edit_patch (format {EVAL_FORMAT!r})")
-    if not isinstance(results.get("format_version"), int) or results["format_version"] > EVAL_FORMAT_VERSION:
-        raise PatchFormatError(
-            f"{path} has evaluation format version {results.get('format_version')!r}; this hf_edit_patch reads up to "
+        raise EvaluationFormatError(f"{path} is not an evaluation written by hf_edit_patch (format {EVAL_FORMAT!r})")
+    version = results.get("format_version")
+    if type(version) is not int or version > EVAL_FORMAT_VERSION:
+        raise EvaluationFormatError(
+            f"{path} has evaluation format version {shorten(version)}; this hf_edit_patch reads up to "
             f"{EVAL_FORMAT_VERSION}: upgrade hf_edit_patch"
         )
-    return results
+    return validate(EVAL_SCHEMA, results, source=path, error=EvaluationFormatError)

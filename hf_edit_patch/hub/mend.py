@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..editors.mend.network import MEND_FORMAT, MEND_FORMAT_VERSION, MendConfig, MendEditor
 from ..errors import PatchFormatError
+from ..schema import AnyJSON, Enum, Float, Int, List, Map, Nullable, Object, Str, read_json, validate
 from . import resolve
 from .cards import card_with_marker, keeps_existing_card
 from .files import FileData, atomic_write_files
@@ -39,6 +40,27 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_mend_editor", "mend_card", "push
 
 CONFIG_NAME = "mend_config.json"
 WEIGHTS_NAME = "mend_model.safetensors"
+_TEXT = Str(max_length=4096)
+# The declared schema of mend_config.json; `MendConfig` then checks how the fields fit together.
+MEND_CONFIG_SCHEMA = Object(
+    {
+        "format": Str(max_length=64),
+        "format_version": Int(1, 2**31 - 1),
+        "hf_edit_patch": Str(max_length=64),
+        "modules": List(Str(min_length=1, max_length=1024), min_length=1, max_length=4096),
+        "layout": Enum(("linear", "conv1d")),
+        "d_in": Int(1, 2**20),
+        "d_out": Int(1, 2**20),
+        "rank": Int(1, 2**20),
+        "n_hidden": Int(0, 64),
+        "edit_lr": Float(),
+        "base_model_name_or_path": Nullable(_TEXT),
+        "base_model_revision": Nullable(_TEXT),
+        "model_type": Nullable(_TEXT),
+        "training": Map(AnyJSON(), max_length=1024),
+    },
+    required=("format", "format_version", "modules", "layout", "d_in", "d_out"),
+)
 
 
 def save_mend_editor(editor: MendEditor, save_directory: str | os.PathLike, *, overwrite_card: bool = False) -> None:
@@ -118,12 +140,13 @@ def load_mend_editor(
     source = os.fspath(path_or_repo_id)
     config_path = resolve.resolve_file(source, CONFIG_NAME, **options)
     weights_path = resolve.resolve_file(source, WEIGHTS_NAME, **options)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as exc:
-        raise PatchFormatError(f"{CONFIG_NAME} of {source!r} is not valid JSON: {exc}") from exc
-    editor = MendEditor(MendConfig.from_dict(data, source=f"{CONFIG_NAME} of {source!r}"))
+    where = f"{CONFIG_NAME} of {source!r}"
+    data = read_json(config_path, source=where)
+    if isinstance(data, dict) and data.get("format") == MEND_FORMAT:  # anything else: MendConfig says what it is
+        data = validate(MEND_CONFIG_SCHEMA, data, source=where)
+    config = MendConfig.from_dict(data, source=where)
+    _check_size(config, weights_path, source)  # before the network is allocated
+    editor = MendEditor(config)
     try:
         state = load_file(weights_path)
     except Exception as exc:  # safetensors raises its own error type for malformed files
@@ -141,6 +164,20 @@ def load_mend_editor(
     editor.load_state_dict(state)
     editor.name_or_path = source
     return editor.eval()
+
+
+def _check_size(config: MendConfig, weights_path: str, source: str) -> None:
+    """Refuses a config whose network would not fit in its weights file (float32 parameters and statistics)."""
+    n, dim = len(config.modules), config.d_in + config.d_out
+    rank = min(config.rank, dim)
+    layer = 2 * dim * rank + dim + 2 * n * dim
+    nbytes = 4 * ((config.n_hidden + 1) * layer + n + 2 * n * dim) + 8 * n
+    size = os.path.getsize(weights_path)
+    if nbytes > size:
+        raise PatchFormatError(
+            f"{CONFIG_NAME} of {source!r} describes a network of {nbytes:,} bytes, but {WEIGHTS_NAME} has {size:,}: "
+            "the config does not belong to these weights"
+        )
 
 
 def push_mend_editor(editor: MendEditor, repo_id: str, **options: Unpack[PushKwargs]) -> Any:

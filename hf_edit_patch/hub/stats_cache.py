@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import StatsError, StatsFormatError
+from ..schema import Enum, Int, Nullable, Object, Str, parse_json, shorten, validate
 from .default_model import default_cache_dir
 from .files import atomic_path
 
@@ -52,6 +53,23 @@ TENSOR_NAME = "second_moment"
 ACCUMULATION_DTYPES = ("float32",)
 
 _SLUG_RE = re.compile(r"[^A-Za-z0-9._-]+")
+_COUNT_RE = re.compile(r"[1-9][0-9]{0,17}")  # a token count, written by `StatsCache.put` as a decimal string
+# The declared schema of a key, as the metadata of a statistics file and the Hub index hold it: every field present.
+STATS_KEY_SCHEMA = Object(
+    {
+        "model_id": Str(min_length=1, max_length=4096),
+        "revision": Nullable(Str(max_length=1024)),
+        "module": Str(min_length=1, max_length=1024),
+        "dataset": Str(min_length=1, max_length=4096),
+        "text_field": Str(max_length=256),
+        "sample_count": Int(1, 2**40),
+        "max_length": Int(1, 2**24),
+        "dtype": Enum(ACCUMULATION_DTYPES),
+    },
+    required=("model_id", "revision", "module", "dataset", "text_field", "sample_count", "max_length", "dtype"),
+    extra="forbid",
+    what="a JSON object (a statistics key)",
+)
 
 
 @dataclass(frozen=True)
@@ -130,7 +148,7 @@ class StatsKey:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> StatsKey:
+    def from_dict(cls, data: Any, *, source: str = "a statistics key") -> StatsKey:
         """
         A key from [`StatsKey.to_dict`]'s output; every field must be present, and no other.
 
@@ -148,12 +166,15 @@ class StatsKey:
         """
         expected = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(data, dict) or set(data) != expected:
-            got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise StatsFormatError(f"a statistics key needs exactly the fields {sorted(expected)}, got {got}")
+            got = shorten(sorted(map(str, data))) if isinstance(data, dict) else type(data).__name__
+            raise StatsFormatError(
+                f"{source}: a statistics key needs exactly the fields {sorted(expected)}, got {got}"
+            )
+        fields = validate(STATS_KEY_SCHEMA, data, source=source, error=StatsFormatError)
         try:
-            return cls(**data)
+            return cls(**fields)
         except StatsError as exc:
-            raise StatsFormatError(f"invalid statistics key {data!r}: {exc}") from None
+            raise StatsFormatError(f"{source}: invalid statistics key {shorten(data)}: {exc}") from None
 
     def digest(self) -> str:
         """The sha256 (hex) of the key's canonical JSON form and the file format version."""
@@ -361,12 +382,15 @@ def _parse_metadata(metadata: dict[str, str], path: Path) -> tuple[StatsKey, int
             f"{path} is not a statistics file of format {STATS_FORMAT!r} version {STATS_FORMAT_VERSION} "
             f"(its metadata says format={metadata.get('format')!r}, version={metadata.get('format_version')!r})"
         )
-    try:
-        key_data = json.loads(metadata["key"])
-        count = int(metadata["count"])
-    except (KeyError, ValueError) as exc:
-        raise StatsFormatError(f"{path} has no valid 'key' and 'count' metadata: {exc}") from None
-    return StatsKey.from_dict(key_data), count
+    key_text, count_text = metadata.get("key"), metadata.get("count")
+    if key_text is None or not isinstance(count_text, str) or not _COUNT_RE.fullmatch(count_text):
+        raise StatsFormatError(
+            f"{path} has no valid 'key' and 'count' metadata (count {shorten(count_text)}; accepted: a positive "
+            "integer of at most 18 digits)"
+        )
+    source = f"{path}: metadata 'key'"
+    key_data = parse_json(key_text, source=source, error=StatsFormatError, max_bytes=1 << 16)
+    return StatsKey.from_dict(key_data, source=source), int(count_text)
 
 
 def read_stats_file(path: Path, *, expected_key: StatsKey | None = None) -> tuple[torch.Tensor, StatsKey, int]:

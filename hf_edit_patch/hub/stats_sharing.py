@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import StatsError, StatsFormatError, StatsUnavailableError
+from ..schema import Int, List, Object, Str, read_json, validate
 from . import resolve as hub
 from .files import atomic_write, file_sha256
 from .push import PushOptions, push_folder
@@ -50,6 +51,28 @@ logger = logging.getLogger(__name__)
 __all__ = ["INDEX_FILENAME", "load_stats_from_hub", "push_stats_to_hub"]
 
 INDEX_FILENAME = "index.json"
+MAX_INDEX_ENTRIES = 100_000
+# The declared schema of index.json (each entry's key is checked by `StatsKey.from_dict`).
+INDEX_SCHEMA = Object(
+    {
+        "format": Str(max_length=64),
+        "format_version": Int(1, 2**31 - 1),
+        "entries": List(
+            Object(
+                {
+                    "filename": Str(min_length=1, max_length=512),
+                    "key": Object({}, extra="keep", what="a JSON object (a statistics key)"),
+                    "count": Int(1, 2**62),
+                    "sha256": Str(max_length=71, pattern=r"sha256:[0-9a-f]{64}", what="'sha256:' then 64 hex digits"),
+                },
+                required=("filename", "key", "count", "sha256"),
+                what="a JSON object (an index entry: filename, key, count, sha256)",
+            ),
+            max_length=MAX_INDEX_ENTRIES,
+        ),
+    },
+    required=("format", "format_version", "entries"),
+)
 
 
 def push_stats_to_hub(
@@ -133,9 +156,8 @@ def _existing_index_entries(repo_id: str, revision: str | None, token: str | boo
 
 def _parse_index(path: str) -> list[dict[str, Any]]:
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, ValueError) as exc:
+        index = read_json(path, error=StatsFormatError)
+    except OSError as exc:
         raise StatsFormatError(f"{path} is not a readable statistics index: {exc}") from None
     if (
         not isinstance(index, dict)
@@ -147,11 +169,10 @@ def _parse_index(path: str) -> list[dict[str, Any]]:
             f"{path} is not a statistics index of format {STATS_FORMAT!r} version {STATS_FORMAT_VERSION} "
             "(expected an object with 'format', 'format_version' and a list of 'entries')"
         )
+    index = validate(INDEX_SCHEMA, index, source=path, error=StatsFormatError)
     entries = []
     for number, item in enumerate(index["entries"]):
-        if not isinstance(item, dict) or not {"filename", "key", "count", "sha256"} <= set(item):
-            raise StatsFormatError(f"{path}: entry {number} needs 'filename', 'key', 'count' and 'sha256'")
-        key = StatsKey.from_dict(item["key"])
+        key = StatsKey.from_dict(item["key"], source=f"{path}: entries[{number}].key")
         if item["filename"] != key.filename():
             raise StatsFormatError(
                 f"{path}: entry {number} names the file {item['filename']!r}; its key belongs in {key.filename()!r}"

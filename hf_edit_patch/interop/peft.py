@@ -44,14 +44,31 @@ from ..hub.files import atomic_write_files
 from ..hub.resolve import resolve_file
 from ..modules import model_source, resolve_weight, unwrap_peft
 from ..patch import encoding as storage
-from ..patch.config import ModuleRecord, PatchConfig
+from ..patch.config import MAX_DIM, MAX_MODULES, ModuleRecord, PatchConfig
 from ..patch.sparse import SparseDelta
+from ..schema import Int, List, Map, Nullable, Object, Str, parse_json, read_json, validate
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the base model's module names
 META_CONFIG = "hf_edit_patch_config"  # the patch's PatchConfig, as JSON
 META_ZEROS = "hf_edit_patch_zeros"  # {module: [flat indices]} of the patch's own zero-valued entries, if any
+# What is read of a PEFT adapter_config.json (PEFT writes many more keys, which are not needed here).
+ADAPTER_CONFIG_SCHEMA = Object(
+    {
+        "peft_type": Nullable(Str(max_length=64)),
+        "r": Nullable(Int(0, MAX_DIM)),
+        "mask_type": Nullable(Str(max_length=256)),
+        "peft_version": Nullable(Str(max_length=256)),
+        "base_model_name_or_path": Nullable(Str(max_length=4096)),
+        "revision": Nullable(Str(max_length=256)),
+    },
+    extra="ignore",
+    what="a JSON object (a PEFT adapter config)",
+)
+ZEROS_SCHEMA = Map(
+    List(Int(0, MAX_DIM * MAX_DIM), max_length=MAX_DIM), max_length=MAX_MODULES, what="module name to flat indices"
+)
 _KEY_RE = re.compile(r"^(?P<module>.+)\.shira_(?P<part>weight|indices)$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHIRA_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -246,12 +263,8 @@ def read_shira(
 ) -> tuple[dict[str, SparseDelta], PatchConfig]:
     """`(deltas, config)` of a SHiRA adapter in a local folder or Hub repo (see `EditPatch.from_peft`)."""
     config_path = resolve_file(path_or_repo_id, ADAPTER_CONFIG_NAME, **hub_kwargs)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            adapter_config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PatchFormatError(f"{config_path} is not valid JSON ({exc})") from exc
-    peft_type = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else None
+    adapter_config = validate(ADAPTER_CONFIG_SCHEMA, read_json(config_path), source=config_path)
+    peft_type = adapter_config.get("peft_type")
     if peft_type != "SHIRA":
         raise PatchFormatError(
             f"{config_path} describes a {peft_type!r} adapter; only SHiRA adapters (peft_type 'SHIRA') are sparse "
@@ -275,11 +288,10 @@ def _ours(
     entries: dict[str, tuple[torch.Tensor, torch.Tensor]], metadata: dict[str, str], path: str
 ) -> tuple[dict[str, SparseDelta], PatchConfig]:
     """An adapter written by `write_shira`: the recorded patch, its padding dropped, checked by content hash."""
-    try:
-        config = PatchConfig.from_dict(json.loads(metadata[META_CONFIG]))
-        zeros = json.loads(metadata.get(META_ZEROS, "{}"))
-    except json.JSONDecodeError as exc:
-        raise PatchFormatError(f"{path}: the hf_edit_patch metadata is not valid JSON ({exc})") from exc
+    source = f"{path}: metadata {META_CONFIG!r}"
+    config = PatchConfig.from_dict(parse_json(metadata[META_CONFIG], source=source), source=source)
+    source = f"{path}: metadata {META_ZEROS!r}"
+    zeros = validate(ZEROS_SCHEMA, parse_json(metadata.get(META_ZEROS, "{}"), source=source), source=source)
     if set(entries) != set(config.modules):
         raise PatchFormatError(
             f"{path} holds SHiRA tensors for {sorted(entries)} but its hf_edit_patch metadata describes "

@@ -28,8 +28,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _check_shape(shape: Sequence[int], what: str) -> tuple[int, int]:
     shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list, torch.Size)) else ()
-    if len(shape) != 2 or min(shape) <= 0:
-        raise PatchFormatError(f"{what}: shape must be two positive integers, got {shape!r}")
+    if len(shape) != 2 or min(shape) <= 0 or max(shape) > 2**31 - 1:
+        raise PatchFormatError(f"{what}: shape must be two positive integers of at most 2**31 - 1, got {shape!r}")
     return shape
 
 

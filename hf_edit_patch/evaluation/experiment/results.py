@@ -13,15 +13,87 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+from ...errors import EvaluationFormatError
 from ...hub.files import atomic_write
-from .config import MEASUREMENT_FIELDS
+from ...schema import AnyJSON, Map, Nullable, Number, Object, Str, read_json, validate
+from .config import ADDED_FIELDS, MEASUREMENT_FIELDS
 
-__all__ = ["RESULTS_FILE", "ResultsFile", "add_missing", "average_points", "point_summary"]
+__all__ = [
+    "RESULTS_FILE",
+    "RESULTS_SCHEMA",
+    "ResultsFile",
+    "add_missing",
+    "average_points",
+    "point_summary",
+    "read_results",
+]
 
 RESULTS_FILE = "results.json"
+MAX_RESULTS_BYTES = 256 << 20
+_SCORE = Nullable(Number())
+# One measured point: what the study, the summaries and the runner read back; other measures are kept as they are.
+POINT_SCHEMA = Object(
+    {
+        "editing": Map(_SCORE, max_length=256),
+        "drift": Object({"kl": _SCORE, "ppl_edited": _SCORE, "ppl_base": _SCORE}, extra="keep"),
+        "tasks": Map(AnyJSON(), max_length=256),
+        "probes": Map(Object({"adherence": _SCORE, "auc": _SCORE}, extra="keep"), max_length=256),
+        "nnz": _SCORE,  # an average over single edits is a float
+        "seconds": _SCORE,
+        "edit_seconds": _SCORE,
+        "measure_seconds": _SCORE,
+    },
+    extra="keep",
+    what="a JSON object (a measured point)",
+)
+# The declared schema of results.json.
+RESULTS_SCHEMA = Object(
+    {
+        "config": Map(AnyJSON(), max_length=1024),
+        "base": Nullable(POINT_SCHEMA),
+        "runs": Map(
+            Object(
+                {
+                    "regularizer": Nullable(Str(max_length=256)),
+                    "checkpoints": Map(
+                        POINT_SCHEMA,
+                        max_length=1_000_000,
+                        key=Str(min_length=1, max_length=9, pattern=r"[0-9]+", what="a number of edits"),
+                    ),
+                },
+                required=("checkpoints",),
+                extra="keep",
+                what="a JSON object (a run: regularizer, checkpoints)",
+            ),
+            max_length=10_000,
+        ),
+    },
+    required=("config", "runs"),
+    extra="keep",
+)
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """An experiment's `results.json`, bounded before parsing and checked against `RESULTS_SCHEMA`.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        EvaluationFormatError: (a `ValueError`) the file is not valid JSON or not an experiment's results, naming the
+            field, the value received and what is accepted.
+
+    Example:
+        ```python
+        >>> read_results("out/exp/results.json")["config"]["method"]  # doctest: +SKIP
+        'memit'
+        ```
+    """
+    path = os.fspath(path)
+    data = read_json(path, error=EvaluationFormatError, max_bytes=MAX_RESULTS_BYTES)
+    return validate(RESULTS_SCHEMA, data, source=path, error=EvaluationFormatError)
 
 
 class ResultsFile:
@@ -36,16 +108,17 @@ class ResultsFile:
 
         Raises:
             ValueError: the file holds results of another configuration (fields other than `MEASUREMENT_FIELDS`
-                differ).
+                differ), or is not an experiment's results (`EvaluationFormatError`).
         """
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                results = json.load(f)
-            old = dict(results.get("config", {}))
+            results = read_results(self.path)
+            old = dict(results["config"])
             new = dict(config)
             for key in MEASUREMENT_FIELDS:  # what is measured may change between runs
                 old.pop(key, None)
                 new.pop(key, None)
+            for key, value in ADDED_FIELDS.items():  # written before the field existed: its old meaning
+                old.setdefault(key, value)
             if old != new:
                 changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise ValueError(
@@ -69,9 +142,7 @@ class ResultsFile:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if self.path.exists():
-                    with open(self.path, encoding="utf-8") as f:
-                        on_disk = json.load(f)
-                    add_missing(results, on_disk)
+                    add_missing(results, read_results(self.path))
                 text = json.dumps(results, indent=1, sort_keys=False, default=_json_default) + "\n"
                 atomic_write(str(self.path), text)
             finally:

@@ -9,12 +9,11 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..experiment.results import RESULTS_FILE
+from ..experiment.results import RESULTS_FILE, read_results
 from ..tasks.prompts import PROBE_TASKS
 
 __all__ = ["load_points"]
@@ -30,14 +29,7 @@ def _read_results(folder: str | os.PathLike) -> dict[str, Any]:
             f"{folder}: no {RESULTS_FILE} in this folder (not an experiment output folder, or its run has not "
             "saved anything yet)"
         )
-    try:
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
-        raise ValueError(f"{path} is not an experiment's results (no 'config')")
-    return results
+    return read_results(path)
 
 
 def _get(d: Any, *keys: str) -> Any:
