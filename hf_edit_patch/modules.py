@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import PatchValidationError
+from .offload import OffloadedWeight, find_offloaded
 from .patch.config import LAYOUTS
 
 SOURCE_ATTRIBUTE = "hf_edit_patch_source"
@@ -73,17 +74,32 @@ def resolve_weight(model: nn.Module, name: str) -> tuple[nn.Module, torch.Tensor
     For a PEFT model, `name` is relative to the base model and `module` is the base layer under any adapter
     wrapper: the weight returned is the base weight, which adapters (LoRA, ...) read at every forward.
 
+    For a module that accelerate offloads (its parameter on the `meta` device, see `hf_edit_patch.offload`), the
+    weight returned holds the real values: the tensor in memory the hook loads from, or a copy read from disk.
+
     Raises:
         PatchValidationError: naming the module and, for a typo, the closest existing names.
     """
-    model = unwrap_peft(model)
+    module, weight, layout, home = locate_weight(model, name)
+    return module, (home.read() if home is not None else weight), layout
+
+
+def offloaded_weight(model: nn.Module, name: str) -> OffloadedWeight | None:
+    """Where the weight of module `name` lives when accelerate offloads it (`hf_edit_patch.offload`), else None."""
+    return locate_weight(model, name)[3]
+
+
+def locate_weight(model: nn.Module, name: str) -> tuple[nn.Module, torch.Tensor, str, OffloadedWeight | None]:
+    """`(module, parameter, layout, offloaded)`: `resolve_weight`'s answer with the parameter itself (on `meta` when
+    offloaded) and, for an offloaded module, where its weight lives."""
+    root = unwrap_peft(model)
     try:
-        module = model.get_submodule(name) if name else model
+        module = root.get_submodule(name) if name else root
     except AttributeError:
-        close = difflib.get_close_matches(name, _candidates(model), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(name, _candidates(root), n=3, cutoff=0.6)
         hint = f"; did you mean {close}?" if close else ""
         raise PatchValidationError(
-            f"module {name!r} does not exist in {type(model).__name__}{hint} "
+            f"module {name!r} does not exist in {type(root).__name__}{hint} "
             "(names are relative to the model passed in, as in model.named_modules())"
         ) from None
     module = base_layer(module)
@@ -96,7 +112,7 @@ def resolve_weight(model: nn.Module, name: str) -> tuple[nn.Module, torch.Tensor
             f"module {name!r}: weight dtype {weight.dtype} cannot be patched; accepted: float16, bfloat16, "
             "float32, float64 (quantized weights must be dequantized first)"
         )
-    return module, weight, layout
+    return module, weight, layout, find_offloaded(root, name, module)
 
 
 def model_source(model: Any) -> tuple[str | None, str | None]:

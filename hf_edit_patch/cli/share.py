@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any
 
-from .common import EXIT_OK, CLIError, add_model_args, json_object, load_model, print_json, say
+from .common import EXIT_OK, CLIError, add_model_args, json_object, load_model, print_json, say, show_progress
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
@@ -52,7 +52,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
     add_model_args(c)
     c.add_argument("--stats-dataset", default=None, help="corpus: a datasets id or a .txt/.json/.jsonl file")
     c.add_argument("--stats-text-field", default="text", help="text field of a JSON corpus (default: text)")
-    c.add_argument("--model-sampled", action="store_true", help="without a corpus: text the model samples itself")
+    c.add_argument(
+        "--model-sampled-stats",
+        "--model-sampled",
+        dest="model_sampled",
+        action="store_true",
+        help="without a corpus: text the model samples itself",
+    )
     c.add_argument("--method", choices=("rome", "memit"), default="rome", help="whose layers (default: rome)")
     c.add_argument("--hparams", default=None, help="method hyperparameters as JSON or @file.json (layers, mom2_*)")
     c.add_argument("--layers", type=int, nargs="+", default=None, help="layers to compute (default: the method's)")
@@ -60,6 +66,11 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
     c.add_argument("--max-length", type=int, default=None, help="tokens per text (default: mom2_max_length)")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--cache-dir", default=None, help="statistics cache folder")
+    c.add_argument(
+        "--device",
+        default=None,
+        help="where the model runs (default: the CPU; under torchrun with CUDA, this process's GPU LOCAL_RANK)",
+    )
     c.set_defaults(func=run_stats_compute)
 
     ls = actions.add_parser("list", parents=[common], help="list the cached statistics")
@@ -126,10 +137,22 @@ def _cache(args: argparse.Namespace) -> Any:
 
 
 def run_stats_compute(args: argparse.Namespace) -> int:
+    """One process, or several under `torchrun --nproc_per_node N -m hf_edit_patch.cli stats compute ...` (or
+    `accelerate launch`): each runs its share of the batches, rank 0 writes the cache and reports."""
+    from ..distributed import launched
+
+    with launched() as procs:
+        return _stats_compute(args, procs)
+
+
+def _stats_compute(args: argparse.Namespace, procs: Any) -> int:
+    import torch
+
     from ..editing.statistics import get_second_moments
     from ..editors import memit, rome
     from ..editors.architectures import get_arch
     from ..editors.hparams import MemitHParams, RomeHParams
+    from ..hub.corpora import CLI_OPTION_NAMES, corpus_option_names
 
     hparams = json_object(args.hparams, "--hparams")
     if args.layers is not None:
@@ -137,26 +160,39 @@ def run_stats_compute(args: argparse.Namespace) -> int:
             raise CLIError(f"ROME edits one layer; give one --layers value, got {args.layers}")
         hparams.update({"layer": args.layers[0]} if args.method == "rome" else {"layers": args.layers})
     if args.stats_dataset is None and not args.model_sampled:
-        raise CLIError("give a corpus with --stats-dataset FILE_OR_ID, or --model-sampled for model-sampled text")
+        raise CLIError(
+            "give a corpus with --stats-dataset FILE_OR_ID, or --model-sampled-stats for model-sampled text"
+        )
     if args.stats_dataset is not None and args.model_sampled:
-        raise CLIError("give either --stats-dataset or --model-sampled, not both")
+        raise CLIError("give either --stats-dataset or --model-sampled-stats, not both")
     hp = (RomeHParams if args.method == "rome" else MemitHParams).from_any(hparams or None)
     model, tokenizer = load_model(args)
+    device = args.device
+    if device is None and procs is not None and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"
+    if device is not None:
+        model.to(device)
     modules = (rome if args.method == "rome" else memit).target_modules(model, hp, get_arch(model))
     cache = _cache(args)
-    moments = get_second_moments(
-        model,
-        tokenizer,
-        modules,
-        stats_dataset=args.stats_dataset,
-        text_field=args.stats_text_field,
-        sample_count=args.samples or hp.mom2_n_samples,
-        max_length=args.max_length or hp.mom2_max_length,
-        batch_size=args.batch_size,
-        cache=cache,
-        allow_model_sampled=args.model_sampled,
-    )
-    say(f"Key statistics of {len(moments)} module(s) in {cache.cache_dir}:")
+    with corpus_option_names(CLI_OPTION_NAMES):
+        moments = get_second_moments(
+            model,
+            tokenizer,
+            modules,
+            stats_dataset=args.stats_dataset,
+            text_field=args.stats_text_field,
+            sample_count=args.samples or hp.mom2_n_samples,
+            max_length=args.max_length or hp.mom2_max_length,
+            batch_size=args.batch_size,
+            cache=cache,
+            allow_model_sampled=args.model_sampled,
+            show_progress=show_progress(args),
+            distributed=procs is not None,
+        )
+    if procs is not None and not procs.is_main:
+        return EXIT_OK
+    processes = f" ({procs.world} processes)" if procs is not None else ""
+    say(f"Key statistics of {len(moments)} module(s) in {cache.cache_dir}{processes}:")
     for name, matrix in moments.items():
         say(f"  {name}: {matrix.shape[0]}×{matrix.shape[1]}")
     return EXIT_OK

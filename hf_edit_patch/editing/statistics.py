@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import barrier, broadcast_object, current_processes, gather_owned
 from ..editors import alphaedit
 from ..editors.sampled_text import model_sampled_texts
 from ..editors.second_moments import DEFAULT_MAX_BYTES, estimate_second_moments, input_widths
 from ..errors import StatsUnavailableError
-from ..hub.corpora import TextSource
+from ..hub.corpora import TextSource, current_option_names
 from ..hub.nullspace import EigenCache
 from ..hub.stats_cache import StatsCache, StatsKey
 from ..modules import model_source
@@ -66,8 +67,9 @@ def get_second_moments(
     model_id: str | None = None,
     revision: str | None = None,
     allow_model_sampled: bool = False,
-    show_progress: bool = True,
+    show_progress: bool | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    distributed: bool = False,
 ) -> dict[str, torch.Tensor]:
     """
     The second moments `C = E[k kᵀ]` of the inputs of `module_names`, from the cache or computed (and then cached).
@@ -98,8 +100,14 @@ def get_second_moments(
         revision (`str`, *optional*): the model's revision for the key; defaults to `model_source(model)`'s.
         allow_model_sampled (`bool`, *optional*, defaults to `False`): without `stats_dataset`, use text the model
             samples itself.
-        show_progress (`bool`, *optional*, defaults to `True`): show progress bars.
+        show_progress (`bool`, *optional*): progress bars for sampling and for the statistics pass (`None`, the
+            default: on a terminal only; `False`: never; see `hf_edit_patch.progress`).
         max_bytes (`int`, *optional*, defaults to 2 GiB): bound on the matrices accumulated in one pass.
+        distributed (`bool`, *optional*, defaults to `False`): compute with every process of the initialized
+            torch.distributed group (all must call this with the same arguments): what any process lacks in its cache
+            is computed by all of them together, each running its share of the batches, and the sums are added in
+            float64 (`estimate_second_moments`); model-sampled text is sampled on rank 0 and sent to the others. Rank
+            0 writes the cache entries; every process returns the statistics. The keys are those of one process.
 
     Returns:
         `dict[str, torch.Tensor]`: for each module, in the order given, its float32 `[d, d]` second moment (CPU).
@@ -123,6 +131,8 @@ def get_second_moments(
     ```
     """
     widths = input_widths(model, module_names)
+    procs = current_processes() if distributed else None
+    show_progress = show_progress if procs is None or procs.is_main else False
     source, keys = _source_and_keys(
         model,
         list(widths),
@@ -160,17 +170,25 @@ def get_second_moments(
         logger.info("using cached key statistics of %s (%s)", name, cache.path(key))
         results[name] = matrix
 
+    had = set(results)
     missing = [name for name in widths if name not in results]
+    if procs is not None:  # what any process lacks, all of them compute together
+        lacking = set().union(*gather_owned({procs.rank: missing}, procs.world, procs))
+        missing = [name for name in widths if name in lacking]
     if missing:
         if source is None:
-            texts: list[str] | TextSource = model_sampled_texts(
-                model,
-                tokenizer,
-                sample_count,
-                max_new_tokens=min(max_length, MODEL_SAMPLED_MAX_NEW_TOKENS),
-                seed=MODEL_SAMPLED_SEED,
-                show_progress=show_progress,
-            )
+            texts: list[str] | TextSource | None = None
+            if procs is None or procs.is_main:
+                texts = model_sampled_texts(
+                    model,
+                    tokenizer,
+                    sample_count,
+                    max_new_tokens=min(max_length, MODEL_SAMPLED_MAX_NEW_TOKENS),
+                    seed=MODEL_SAMPLED_SEED,
+                    show_progress=show_progress,
+                )
+            if procs is not None:
+                texts = broadcast_object(texts, procs)
         else:
             texts = source
         computed, count = estimate_second_moments(
@@ -183,17 +201,19 @@ def get_second_moments(
             batch_size=batch_size,
             show_progress=show_progress,
             max_bytes=max_bytes,
+            distributed=procs is not None,
         )
         info = {
             "hf_edit_patch": __version__,
             "torch": torch.__version__,
             "model_dtype": str(getattr(model, "dtype", "")),
-            "dataset_path": source.dataset if source is not None and source.is_local else None,
         }
         for name, matrix in computed.items():
-            if name in keys:
+            if name in keys and name not in had and (procs is None or procs.is_main):
                 cache.put(keys[name], matrix, count, info=info)
             results[name] = matrix
+        if procs is not None:  # once any process returns, the entries are written
+            barrier(procs)
     return {name: results[name] for name in widths}
 
 
@@ -278,14 +298,17 @@ def stats_keys(
 
 
 def _no_corpus_message(module_names: Sequence[str]) -> str:
+    names = current_option_names()
     return (
-        f"no corpus for the key statistics (C = E[k kᵀ]) of {list(module_names)}, which ROME and MEMIT need. "
-        "Provide one of: stats_dataset='wikitext' (a Hugging Face dataset id; needs `pip install datasets` and the "
-        "Hub, or the datasets cache); a local .txt (one text per line), .json or .jsonl file, e.g. "
-        "stats_dataset='corpus.jsonl', text_field='passage'; allow_model_sampled=True for statistics from text the "
-        "model samples itself (fully offline, labelled 'model-sampled' in the cache); or statistics shared on the "
-        "Hub: hf_edit_patch.hub.stats_sharing.load_stats_from_hub(repo_id) puts them in the cache, then pass the "
-        "stats_dataset they were computed from (a Hub dataset is then not downloaded)."
+        f"no corpus for the key statistics (C = E[k kᵀ]) of {list(module_names)}, which ROME, MEMIT and AlphaEdit "
+        f"need. Provide one of: {names.setting('dataset', 'wikitext')} (a Hugging Face dataset id; needs `pip "
+        "install datasets` and the Hub, or the datasets cache); a local .txt (one text per line), .json or .jsonl "
+        f"file, e.g. {names.settings(('dataset', 'corpus.jsonl'), ('text_field', 'passage'))}; "
+        f"{names.setting('model_sampled')} for statistics from text the model samples itself (fully offline, "
+        "labelled 'model-sampled' in the cache); or statistics shared on the Hub: "
+        "hf_edit_patch.hub.stats_sharing.load_stats_from_hub(repo_id) (or `hf-edit-patch stats pull REPO_ID`) puts "
+        f"them in the cache, then pass the {names.dataset} they were computed from (a Hub dataset is then not "
+        "downloaded)."
     )
 
 

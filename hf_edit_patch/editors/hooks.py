@@ -119,7 +119,8 @@ def checkpointed_from(model: nn.Module, module: str) -> Iterator[None]:
     if blocks is None:
         yield
         return
-    patched = []
+    patched: list[tuple[nn.Module, object]] = []
+    missing = object()
     try:
         for block in list(blocks)[first:]:
             forward = block.forward
@@ -127,9 +128,12 @@ def checkpointed_from(model: nn.Module, module: str) -> Iterator[None]:
             def run(*args, _forward=forward, **kwargs):
                 return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
+            patched.append((block, block.__dict__.get("forward", missing)))
             block.forward = run
-            patched.append(block)
         yield
     finally:
-        for block in patched:
-            del block.forward  # the instance attribute hid the class's forward
+        for block, own in patched:  # an instance forward (accelerate's hook wrapper) is put back; else the class's
+            if own is missing:
+                del block.forward
+            else:
+                block.forward = own

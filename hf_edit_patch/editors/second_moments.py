@@ -10,10 +10,15 @@ given; it reads no files. Corpora are read by `hf_edit_patch.hub.corpora`, matri
 `hf_edit_patch.hub.stats_cache`, and `hf_edit_patch.editing.statistics.get_second_moments` puts the three together.
 
 Memory: all requested modules are collected in one forward pass per batch, and the forward pass stops right after the
-last of them has run (later layers and the LM head never run). One pass keeps one `[d, d]` float32 matrix per module
-in memory (5 SmolLM2 `down_proj` layers: 5 · 1536² · 4 B = 47 MB), plus one batch of activations. When the matrices
-of all modules together exceed `max_bytes` (2 GiB by default), the modules are split, in forward order, into groups
-that fit ([`plan_passes`]), and the corpus is run once per group; results are identical either way.
+last of them has run (later layers and the LM head never run). Each batch's `kᵀk` is computed in float32 and added to
+a float64 sum, so one pass keeps one `[d, d]` float64 matrix per module on the module's device (5 SmolLM2
+`down_proj` layers: 5 · 1536² · 8 B = 94 MB), plus one float32 `[d, d]` product and one batch of activations. When the
+float32 matrices of all modules together exceed `max_bytes` (2 GiB by default), the modules are split, in forward
+order, into groups that fit ([`plan_passes`]), and the corpus is run once per group; results are identical either way.
+
+Several processes: with `distributed=True` (under `torchrun`, see `hf_edit_patch.distributed`) every process forms
+the same batches, runs its share of them (batch `i` on rank `i mod N`), and the float64 sums and the token counts are
+added with `all_reduce`: the result equals one process's up to the order of the float64 additions.
 
 Example:
     ```python
@@ -34,8 +39,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..batching import model_device, pad_id
+from ..distributed import Processes, all_reduce_int, all_reduce_sum, current_processes
 from ..errors import PatchError, StatsError
 from ..modules import resolve_weight
+from ..offload import compute_device
+from ..progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +80,7 @@ def compute_second_moments(
     sample_count: int = 1000,
     max_length: int = 256,
     batch_size: int = 8,
-    show_progress: bool = True,
+    show_progress: bool | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> dict[str, torch.Tensor]:
     """
@@ -80,14 +88,16 @@ def compute_second_moments(
 
     One forward pass per batch collects the inputs of all modules (forward pre-hooks), and stops as soon as the last
     of them has run, so later layers and the LM head never run (each module is assumed to run once per forward pass).
-    `kᵀk` is accumulated in float32 on the module's device, over the tokens the attention mask keeps, and divided by
-    the number of tokens at the end. Texts are truncated to `max_length` tokens, sorted by length (longest first, so
-    an out-of-memory error comes at once) and right-padded per batch; padding never enters `C`, and right padding
-    with a causal mask leaves every real token's activations as they are without padding.
+    Each batch's `kᵀk` (float32, over the tokens the attention mask keeps) is added to a float64 sum on the device the
+    module computes on, which is divided by the number of tokens at the end. Texts are truncated to `max_length`
+    tokens, sorted by length (longest first, so an out-of-memory error comes at once) and right-padded per batch;
+    padding never enters `C`, and right padding with a causal mask leaves every real token's activations as they are
+    without padding.
 
-    Memory: one `[d, d]` float32 matrix per module, plus one batch of activations. If the matrices of all modules
-    exceed `max_bytes`, the modules are split in forward order into groups that fit and the corpus is run once per
-    group (same results, more time); all 5 `down_proj` matrices of SmolLM2 take 47 MB, so one pass.
+    Memory: one `[d, d]` float64 sum per module, plus one float32 product and one batch of activations. If the float32
+    matrices of all modules exceed `max_bytes`, the modules are split in forward order into groups that fit and the
+    corpus is run once per group (same results, more time); all 5 `down_proj` matrices of SmolLM2 take 47 MB in
+    float32, so one pass.
 
     Args:
         model (`PreTrainedModel`):
@@ -105,10 +115,11 @@ def compute_second_moments(
             Tokens per text.
         batch_size (`int`, *optional*, defaults to 8):
             Texts per forward pass.
-        show_progress (`bool`, *optional*, defaults to `True`):
-            Show a progress bar over batches.
+        show_progress (`bool`, *optional*):
+            Show a progress bar over batches (`None`: on a terminal only; see `hf_edit_patch.progress`).
         max_bytes (`int`, *optional*, defaults to 2 GiB):
-            Bound on the bytes of matrices accumulated in one pass over the corpus.
+            Bound on the bytes of the float32 matrices of one pass over the corpus (their float64 sums take twice
+            that).
 
     Returns:
         `dict[str, torch.Tensor]`: for each module, its float32 `[d, d]` second moment, on the CPU.
@@ -152,14 +163,19 @@ def estimate_second_moments(
     sample_count: int = 1000,
     max_length: int = 256,
     batch_size: int = 8,
-    show_progress: bool = True,
+    show_progress: bool | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    distributed: bool = False,
 ) -> SecondMoments:
     """
     [`compute_second_moments`], also returning the number of tokens the matrices average over (arguments alike).
 
     A cache stores that count beside each matrix, so that statistics over different corpora can be told apart and
     combined.
+
+    With `distributed=True`, every process of the initialized torch.distributed group must call this with the same
+    arguments and corpus: each runs its share of the batches, and all of them return the statistics of the whole
+    corpus (see the module docstring).
 
     Returns:
         `SecondMoments`: `matrices` (for each module, in the order given, its float32 `[d, d]` second moment, on the
@@ -186,6 +202,9 @@ def estimate_second_moments(
     groups = plan_passes(model, widths, max_bytes)
     corpus = _take_texts(texts, sample_count)
     batches, count = _tokenize(tokenizer, corpus, max_length=max_length, batch_size=batch_size)
+    procs = current_processes() if distributed else None
+    if procs is not None:
+        batches = _own_batches(batches, count, procs)
     device = model_device(model)
     logger.info(
         "computing key statistics of %d module(s) from %d texts (%d tokens) in %d pass(es) of %d batch(es)",
@@ -200,14 +219,19 @@ def estimate_second_moments(
     model.eval()
     try:
         total = len(groups) * len(batches)
-        with torch.no_grad(), tqdm(total=total, desc="Key statistics", unit="batch", disable=not show_progress) as bar:
+        with (
+            torch.no_grad(),
+            progress_bar(total=total, desc="Key statistics", unit="batch", show_progress=show_progress) as bar,
+        ):
             for number, group in enumerate(groups, start=1):
                 if len(groups) > 1:
                     bar.set_postfix_str(f"pass {number}/{len(groups)}")
                 sums = _run_pass(model, group, widths, batches, device, bar)
                 for name, summed in sums.items():
+                    summed = all_reduce_sum(summed, procs) if procs is not None else summed
                     summed /= count
-                    results[name] = ((summed + summed.T) * 0.5).to("cpu")  # addmm is symmetric only up to rounding
+                    symmetric = (summed + summed.T) * 0.5  # kᵀk is symmetric only up to rounding
+                    results[name] = symmetric.to(device="cpu", dtype=torch.float32)
                 del sums
     finally:
         model.train(was_training)
@@ -222,9 +246,9 @@ def _run_pass(
     device: torch.device,
     bar: tqdm,
 ) -> dict[str, torch.Tensor]:
-    """Sums of `kᵀk` over all batches for the modules of `group`, in one forward pass per batch."""
+    """float64 sums of the float32 `kᵀk` of all batches for the modules of `group`, one forward pass per batch."""
     sums = {
-        name: torch.zeros(widths[name], widths[name], dtype=torch.float32, device=_module_device(model, name))
+        name: torch.zeros(widths[name], widths[name], dtype=torch.float64, device=compute_device(model, name))
         for name in group
     }
     wanted = set(group)
@@ -245,7 +269,8 @@ def _run_pass(
                 )
             keys = flat[mask].to(torch.float32)
             acc = sums[name]
-            acc.addmm_(keys.T.to(acc.device), keys.to(acc.device))
+            keys = keys.to(acc.device)
+            acc.add_(keys.T @ keys)
             seen.add(name)
             if seen >= wanted:
                 raise _StopForward
@@ -392,5 +417,16 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _module_device(model: Any, name: str) -> torch.device:
-    return model.get_submodule(name).weight.device
+def _own_batches(
+    batches: list[tuple[torch.Tensor, torch.Tensor]], count: int, procs: Processes
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of the batches (batch `i` on rank `i mod N`), after checking all ranks have one corpus."""
+    own = [batches[i] for i in procs.owned(len(batches))]
+    tokens = all_reduce_int(sum(int(mask.sum()) for _, mask in own), procs)
+    low, high = all_reduce_int(count, procs, "min"), all_reduce_int(count, procs, "max")
+    if not low == high == tokens:
+        raise StatsError(
+            f"the processes were given different corpora ({low} to {high} tokens); every process must read the same "
+            "texts with the same tokenizer, sample_count, max_length and batch_size"
+        )
+    return own

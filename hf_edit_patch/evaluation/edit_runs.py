@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..distributed import broadcast_object, current_processes
 from ..editing import edit
 from ..patched_model import PatchedModel
+from ..progress import progress_bar
 from ..requests import as_requests
 from .checks import check_choice, check_int
 from .scoring import METRIC_KEYS, METRICS, locality_reference, mean_or_none, score_edits
@@ -58,6 +59,7 @@ def evaluate_edits(
     eval_batch_size: int = 16,
     return_details: bool = False,
     show_progress: bool | None = None,
+    distributed: bool = False,
     **edit_kwargs: Any,
 ) -> dict[str, float | None] | tuple[dict[str, float | None], list[dict[str, Any]]]:
     """Edits `model` with `requests`, scores the edits, and restores the model exactly.
@@ -80,6 +82,9 @@ def evaluate_edits(
         locality_tokens: tokens of the base model's continuation compared for locality (metric="accuracy").
         eval_batch_size: sequences per forward pass while scoring.
         return_details: also return per-request scores (with the edit group each request belonged to).
+        distributed: run with every process of the initialized torch.distributed group (all must call this alike):
+            rank 0 computes each edit and sends the patch to the others, and the scoring batches are split over the
+            processes (`score_edits(distributed=True)`); every process returns one process's scores.
         **edit_kwargs: passed to `hf_edit_patch.edit` (e.g. `stats_dataset`, `stats_cache`, `templates`).
 
     Returns:
@@ -99,9 +104,18 @@ def evaluate_edits(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or a PatchedModel, got {type(model).__name__}")
 
+    procs = current_processes() if distributed else None
+    show_progress = show_progress if procs is None or procs.is_main else False
     pm = model if getattr(model, "is_patched_model", False) else PatchedModel(model)
     reference = (
-        locality_reference(pm, tokenizer, reqs, locality_tokens=locality_tokens, batch_size=eval_batch_size)
+        locality_reference(
+            pm,
+            tokenizer,
+            reqs,
+            locality_tokens=locality_tokens,
+            batch_size=eval_batch_size,
+            distributed=distributed,
+        )
         if metric == "accuracy"
         else None
     )
@@ -112,17 +126,21 @@ def evaluate_edits(
 
     def edit_group(g: int, group: range) -> None:
         name = f"{tag}_{g}"
-        patch = edit(
-            pm,
-            tokenizer,
-            [reqs[i] for i in group],
-            method=method,
-            keep_ratio=keep_ratio,
-            regularizer=regularizer,
-            hparams=hparams,
-            show_progress=False if show_progress is None else show_progress,
-            **edit_kwargs,
-        )
+        patch = None
+        if procs is None or procs.is_main:
+            patch = edit(
+                pm,
+                tokenizer,
+                [reqs[i] for i in group],
+                method=method,
+                keep_ratio=keep_ratio,
+                regularizer=regularizer,
+                hparams=hparams,
+                show_progress=show_progress,
+                **edit_kwargs,
+            )
+        if procs is not None:  # one edit for all: the processes score the same weights
+            patch = broadcast_object(patch, procs)
         pm.add_patch(patch, name)
         added.append(name)
 
@@ -135,11 +153,12 @@ def evaluate_edits(
             reference=reference,
             batch_size=eval_batch_size,
             return_details=True,
+            distributed=distributed,
         )
         for i, d in zip(indices, per, strict=True):
             details[i] = {"request": i, "group": i // batch_size, **d}
 
-    bar = tqdm(groups, desc=f"Editing ({mode})", unit="edit", disable=(show_progress is False) or None)
+    bar = progress_bar(groups, desc=f"Editing ({mode})", unit="edit", show_progress=show_progress)
     try:
         for g, group in enumerate(bar):
             edit_group(g, group)

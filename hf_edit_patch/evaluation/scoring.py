@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..batching import model_device, pad_batch, pad_id, target_token_ids
+from ..distributed import Processes, current_processes, gather_owned
 from ..requests import EditRequest, as_requests
 from .checks import check_choice, check_int
 
@@ -62,27 +63,35 @@ def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def _teacher_forced(
-    model: nn.Module, tokenizer: Any, pairs: list[tuple[list[int], list[int]]], batch_size: int
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    procs: Processes | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each (context ids, continuation ids): the argmax token and the log-probability of each continuation token.
 
-    Rows are right-padded (positions stay those of an unpadded run), so results do not depend on `batch_size`.
+    Rows are right-padded (positions stay those of an unpadded run), so results do not depend on `batch_size`. With
+    `procs`, batch `b` runs on rank `b mod N` and every process returns all results, in order.
     """
     pad = pad_id(tokenizer)
     device = model_device(model)
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    starts = range(0, len(pairs), batch_size)
+    mine: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
+        for b in procs.owned(len(starts)) if procs is not None else range(len(starts)):
+            chunk = pairs[starts[b] : starts[b] + batch_size]
             rows = [ctx + cont[:-1] for ctx, cont in chunk]
             batch = pad_batch(rows, pad, device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            mine[b] = []
             for i, (ctx, cont) in enumerate(chunk):
                 picked = logits[i, len(ctx) - 1 : len(ctx) - 1 + len(cont)].float()
                 logp = torch.log_softmax(picked, dim=-1)
                 target = torch.tensor(cont, device=logp.device)
-                out.append((picked.argmax(-1).cpu(), logp.gather(-1, target[:, None])[:, 0].cpu()))
-    return out
+                mine[b].append((picked.argmax(-1).cpu(), logp.gather(-1, target[:, None])[:, 0].cpu()))
+    parts = gather_owned(mine, len(starts), procs) if procs is not None else [mine[b] for b in range(len(starts))]
+    return [result for part in parts for result in part]
 
 
 def _neighborhood(requests: Sequence[EditRequest]) -> list[str]:
@@ -90,19 +99,30 @@ def _neighborhood(requests: Sequence[EditRequest]) -> list[str]:
 
 
 def locality_reference(
-    model: nn.Module, tokenizer: Any, requests: Any, *, locality_tokens: int = 5, batch_size: int = 16
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Any,
+    *,
+    locality_tokens: int = 5,
+    batch_size: int = 16,
+    distributed: bool = False,
 ) -> LocalityReference:
-    """Greedy continuations of the requests' neighborhood prompts by `model` (call it before editing)."""
+    """Greedy continuations of the requests' neighborhood prompts by `model` (call it before editing).
+
+    With `distributed=True` the batches are split over the processes of the initialized torch.distributed group
+    (all must call this alike) and every process returns the whole reference, as one process computes it.
+    """
     reqs = as_requests(requests)
     check_int("locality_tokens", locality_tokens, 1)
     check_int("batch_size", batch_size, 1)
+    procs = current_processes() if distributed else None
     prompts = _neighborhood(reqs)
     contexts = {p: _prompt_ids(tokenizer, p) for p in prompts}
     tokens: dict[str, list[int]] = {p: [] for p in prompts}
     # Greedy decoding by repeated teacher forcing: exactly the argmax path, with no generation settings involved.
     for _ in range(locality_tokens):
         pairs = [(contexts[p] + tokens[p], [0]) for p in prompts]
-        for p, (argmax, _) in zip(prompts, _teacher_forced(model, tokenizer, pairs, batch_size), strict=True):
+        for p, (argmax, _) in zip(prompts, _teacher_forced(model, tokenizer, pairs, batch_size, procs), strict=True):
             tokens[p].append(int(argmax[0]))
     return LocalityReference({p: tuple(t) for p, t in tokens.items()})
 
@@ -121,6 +141,7 @@ def score_edits(
     reference: LocalityReference | None = None,
     batch_size: int = 16,
     return_details: bool = False,
+    distributed: bool = False,
 ) -> dict[str, float | None] | tuple[dict[str, float | None], list[dict[str, Any]]]:
     """Scores `model` on the requests as they stand now (no editing); see the module docstring for the rules.
 
@@ -133,6 +154,8 @@ def score_edits(
             it locality is `None`.
         batch_size: sequences per forward pass.
         return_details: also return one dict of per-request scores per request.
+        distributed: split the batches over the processes of the initialized torch.distributed group (all must call
+            this alike, with the same model); every process returns the scores one process computes.
 
     Returns:
         `{"reliability", "generalization", "locality"}`, each a fraction in [0, 1] or None when no request has
@@ -178,7 +201,8 @@ def score_edits(
     was_training = model.training
     model.eval()
     try:
-        results = _teacher_forced(model, tokenizer, pairs, batch_size)
+        procs = current_processes() if distributed else None
+        results = _teacher_forced(model, tokenizer, pairs, batch_size, procs)
     finally:
         model.train(was_training)
 

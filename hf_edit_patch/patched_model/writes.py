@@ -3,6 +3,10 @@
 `apply_patch` writes `W[idx] = cast(float32(W[idx]) + float32(ΔW))` with the sparse-add kernel and returns, per
 module, the flat indices and the values that were there before; `restore_weights` writes those values back (never
 subtracts), so a restore is bit-exact whatever the dtype.
+
+Each weight is written where it lives: in place on its device, or, for a module accelerate offloads, in the tensor
+its hook loads from (for a disk-offloaded weight, an in-memory override of the file, dropped once no patch is left
+on it; see `hf_edit_patch.offload`).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import FingerprintMismatchError, PatchValidationError
+from ..errors import FingerprintMismatchError, PatchFormatError, PatchValidationError
 from ..kernels.sparse_add import restore_, sparse_add_
-from ..modules import merged_adapters, resolve_weight, unwrap_peft
+from ..modules import locate_weight, merged_adapters, unwrap_peft
+from ..offload import OffloadedWeight
 from ..patch.edit_patch import EditPatch
 from ..patch.encoding import dtype_name, fingerprint
 
@@ -48,11 +53,12 @@ def check_finite(
 
 def validate_patch(model: nn.Module, patch: EditPatch, *, strict: bool) -> None:
     """Checks that a patch fits the current weights (layout, shape, tied targets, fingerprints); writes nothing."""
-    seen: dict[int, str] = {}
+    seen: dict[object, str] = {}
     mismatched = []
     for name, delta in patch.deltas.items():
         record = patch.config.modules[name]
-        _, weight, layout = resolve_weight(model, name)
+        _, weight, layout, home = locate_weight(model, name)
+        weight = home.read() if home is not None else weight
         merged = merged_adapters(unwrap_peft(model).get_submodule(name))
         if merged:
             raise PatchValidationError(
@@ -66,19 +72,30 @@ def validate_patch(model: nn.Module, patch: EditPatch, *, strict: bool) -> None:
             )
         if tuple(weight.shape) != delta.shape:
             raise PatchValidationError(
-                f"module {name!r}: weight shape {list(weight.shape)} does not match the patch's "
-                f"{list(delta.shape)}"
+                f"module {name!r}: weight shape {list(weight.shape)} does not match the patch's {list(delta.shape)}"
             )
         if not weight.is_contiguous():
             raise PatchValidationError(f"module {name!r}: weight is not contiguous and cannot be patched in place")
-        key = weight.untyped_storage().data_ptr() + weight.storage_offset() * weight.element_size()
+        key = (
+            home.identity
+            if home is not None
+            else weight.untyped_storage().data_ptr() + weight.storage_offset() * weight.element_size()
+        )
         if key in seen:
             raise PatchValidationError(
                 f"modules {seen[key]!r} and {name!r} share one weight tensor (tied weights); a patch may target "
                 "it through one name only"
             )
         seen[key] = name
+        dtype_differs = record.weight_dtype is not None and record.weight_dtype != dtype_name(weight.dtype)
         if record.fingerprint is not None and fingerprint(weight) != record.fingerprint:
+            mismatched.append((name, record, weight.dtype))
+        elif dtype_differs and record.fingerprint is not None:  # a fingerprint covers the dtype: the record lies
+            raise PatchFormatError(
+                f"module {name!r}: the patch records weight_dtype {record.weight_dtype!r}, but its fingerprint is "
+                f"that of this {dtype_name(weight.dtype)} weight: the config is inconsistent (edited or corrupt)"
+            )
+        elif dtype_differs:
             mismatched.append((name, record, weight.dtype))
     if mismatched:
         details = ", ".join(
@@ -98,28 +115,45 @@ def validate_patch(model: nn.Module, patch: EditPatch, *, strict: bool) -> None:
             raise FingerprintMismatchError(msg + " (strict=True)")
         warnings.warn(msg + " Pass strict=True to make this an error.", stacklevel=4)
 
+
+def target_weight(model: nn.Module, name: str) -> tuple[torch.Tensor, OffloadedWeight | None]:
+    """The tensor a patch on module `name` is written into, and where an offloaded weight lives (else None)."""
+    _, weight, _, home = locate_weight(model, name)
+    if home is None:
+        return weight.data, None
+    return home.writable(), home
+
+
 def apply_patch(model: nn.Module, patch: EditPatch) -> list[Applied]:
     """Writes a patch into the weights with the sparse-add kernel; undone entirely if any result is not finite."""
     applied: list[Applied] = []
     try:
         with torch.no_grad():
             for name, delta in patch.deltas.items():
-                _, weight, _ = resolve_weight(model, name)
+                weight, home = target_weight(model, name)
                 flat = delta.flat_indices.to(weight.device)
                 values = delta.values.to(weight.device)
-                original = sparse_add_(weight.data, flat, values)
+                if home is not None:
+                    home.hold()
+                try:
+                    original = sparse_add_(weight, flat, values)
+                except BaseException:
+                    if home is not None:
+                        home.release()
+                    raise
                 applied.append(Applied(name, flat, original))
-                check_finite(name, weight.data, flat, original, values)
+                check_finite(name, weight, flat, original, values)
     except BaseException:
         restore_weights(model, applied)
         raise
     return applied
 
+
 def restore_weights(model: nn.Module, applied: list[Applied]) -> None:
     """Writes back the values a patch's entries had before it was applied (top patch first)."""
     with torch.no_grad():
         for a in reversed(applied):
-            _, weight, _ = resolve_weight(model, a.module)
+            weight, home = target_weight(model, a.module)
             original = a.original
             if original.dtype != weight.dtype or original.device != weight.device:
                 warnings.warn(
@@ -128,4 +162,6 @@ def restore_weights(model: nn.Module, applied: list[Applied]) -> None:
                     stacklevel=3,
                 )
                 original = original.to(weight.device, weight.dtype)
-            restore_(weight.data, a.flat.to(weight.device), original)
+            restore_(weight, a.flat.to(weight.device), original)
+            if home is not None:
+                home.release()

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ...distributed import current_processes
+from ...progress import progress_bar
 from ..checks import check_positive_int
 from ..metrics import make_rouge_scorer
 from .classification import run_classification, run_dialogue
@@ -27,6 +28,7 @@ from .data import DATA_FILES, load_task
 from .generation import run_ner, run_open_qa, run_reasoning, run_summarization
 from .prompts import ENTITY_TYPES, MAX_NEW_TOKENS, TASKS
 from .runner import Details, TaskFn, TaskRunner, context_window
+from .sharded import ShardedTaskRunner
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ def run_general_tasks(
     max_length: int | None = None,
     max_new_tokens: Mapping[str, int] | None = None,
     return_details: bool = False,
+    distributed: bool = False,
 ) -> dict[str, float] | tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
     """Scores a model zero-shot on the eight general-ability tasks of the RECT paper (see the module docstring).
 
@@ -105,6 +108,10 @@ def run_general_tasks(
             window); no limit if the config names no window.
         max_new_tokens: `{task: new tokens}` overriding `MAX_NEW_TOKENS` (for reasoning, the rationale's budget).
         return_details: also return per-example prompts, outputs, predictions and golds.
+        distributed: split the work over the processes of the initialized torch.distributed group (all must call
+            this with the same arguments): each runs its share of every call's batches, the batches being the ones
+            one process forms, and the outputs are gathered, so every process returns one process's scores and
+            details (`ShardedTaskRunner`). Progress bars show on rank 0 only.
 
     Returns:
         `{task: score}` with scores in [0, 1], in the order of `tasks`; with `return_details=True`,
@@ -151,15 +158,20 @@ def run_general_tasks(
     flags = [(module, module.training) for module in model.modules()]
     scores: dict[str, float] = {}
     details: dict[str, Details] = {}
-    runner = TaskRunner(model, tokenizer, batch_size, max_length, context_window(model))
+    if distributed:
+        procs = current_processes()
+        runner: TaskRunner = ShardedTaskRunner(
+            model, tokenizer, batch_size, max_length, context_window(model), procs=procs
+        )
+        show_progress = show_progress if procs.is_main else False
+    else:
+        runner = TaskRunner(model, tokenizer, batch_size, max_length, context_window(model))
     model.eval()
     try:
         with torch.inference_mode():
             for task in names:
                 total = len(data[task]) * _CALLS_PER_EXAMPLE.get(task, 1)
-                with tqdm(
-                    total=total, desc=task, unit="prompt", disable=None if show_progress is None else not show_progress
-                ) as bar:
+                with progress_bar(total=total, desc=task, unit="prompt", show_progress=show_progress) as bar:
                     runner.bar, runner.task = bar, task
                     score, details[task] = RUNNERS[task](data[task], runner, budgets.get(task, 0), scorer)
                 scores[task] = float(score)
