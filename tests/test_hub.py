@@ -126,6 +126,7 @@ def test_push_creates_repo_and_uploads_one_commit(llama, monkeypatch):
     pm.push_to_hub("user/stack", create_pr=True)
     assert [c[0] for c in api2.calls] == ["create_repo", "upload_folder"]
     assert api2.uploaded == {
+        "README.md",
         "patch_stack.json",
         "default/README.md",
         "default/patch_config.json",

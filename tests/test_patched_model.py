@@ -168,7 +168,9 @@ def test_stack_save_and_reload_reproduces_weights(llama, tmp_path):
     pm.add_patch(random_patch(pm, LLAMA_TARGETS[:2], seed=2), "second")
     patched = snapshot(llama)
     pm.save_pretrained(tmp_path / "stack")
-    assert sorted(p.name for p in (tmp_path / "stack").iterdir()) == ["first", "patch_stack.json", "second"]
+    # one subfolder per patch, the order, and one card listing every edit of the series
+    saved = sorted(p.name for p in (tmp_path / "stack").iterdir())
+    assert saved == ["README.md", "first", "patch_stack.json", "second"]
     base = pm.unload()
 
     pm2 = hep.PatchedModel.from_pretrained(base, tmp_path / "stack")

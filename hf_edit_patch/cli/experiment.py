@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.experiment.config import SETTINGS, UNITS, ExperimentConfig
+from ..evaluation.experiment.config import COUNTERFACTUALS, SETTINGS, UNITS, ExperimentConfig
 from ..evaluation.tasks.prompts import PROBE_TASKS, TASKS
-from .common import EXIT_OK, CLIError, say
+from .common import EXIT_OK, CLIError, say, show_progress
 
 __all__ = ["add_parsers", "config_from_args", "run_experiment_command"]
 
@@ -28,7 +28,18 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
         help="edit a model step by step and measure editing metrics, drift, weight changes and tasks",
         description="Edit a model step by step and measure what it costs (resumable; JSON results and PNG plots).",
     )
-    p.add_argument("--data", required=True, help="ZsRE records (a JSON list, e.g. zsre_eval.json)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="ZsRE records (a JSON list, e.g. zsre_eval.json); not needed with --counterfactuals only",
+    )
+    p.add_argument(
+        "--counterfactuals",
+        default="none",
+        choices=COUNTERFACTUALS,
+        help="generated CounterFact-style requests the model does not already state (hf_edit_patch.counterfactuals): "
+        "'fill' after the ZsRE records up to the last checkpoint, 'only' instead of them (default: none)",
+    )
     p.add_argument("--output-dir", required=True, help="results.json, patches and plots go here (resumable)")
     p.add_argument(
         "--method",
@@ -41,12 +52,20 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
         nargs="+",
         default=["none", "rect:0.4"],
         help="none, rect:K, random:K, pca:K (K the keep ratio), norm:F (RECT norm budget), auto (RECT with "
-        "keep_ratio='auto'), stack:K (sequential: the stack re-sparsified to K) (default: none rect:0.4)",
+        "keep_ratio='auto'), stack:K (sequential: the stack re-sparsified to K), prune:T (every edit keeps the "
+        "singular values of the accumulated update under about T·σ_max(W)), anchor:A (every edit keeps "
+        "‖ΔW_acc‖_F ≤ A·‖W‖_F) (default: none rect:0.4)",
     )
     p.add_argument("--setting", default="sequential", choices=SETTINGS)
     p.add_argument("--unit", default="instance", choices=UNITS, help="one request per edit, or --batch-size")
     p.add_argument("--batch-size", type=int, default=10, help="requests per edit with --unit batch (default: 10)")
     p.add_argument("--checkpoints", type=int, nargs="+", default=[1, 10, 50, 100], help="edits to measure at")
+    p.add_argument(
+        "--first-edits",
+        type=int,
+        default=50,
+        help="forgetting: past this many edits, the first ones are scored again at every checkpoint (default: 50)",
+    )
     p.add_argument("--seed", type=int, default=0, help="record order: 0 keeps the file's order")
     p.add_argument("--model", default=None, help="model id or folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--hparams", default=None, help="editor hyperparameters as JSON (e.g. '{\"layer\": 5}')")
@@ -115,6 +134,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         probe_tasks=list(args.probes),
         probe_limit=args.probe_limit,
         probe_max_length=args.probe_max_length,
+        counterfactuals=args.counterfactuals,
+        first_edits=args.first_edits,
     )
 
 
@@ -126,9 +147,9 @@ def run_experiment_command(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     for path, what in ((config.data, "--data"), (config.drift_texts, "--drift-texts")):
-        if not os.path.isfile(path):
+        if path is not None and not os.path.isfile(path):
             raise CLIError(f"{what}: no such file {path!r}")
-    results = run_experiment(config, args.output_dir, plots=not args.no_plots)
+    results = run_experiment(config, args.output_dir, plots=not args.no_plots, show_progress=show_progress(args))
     say(summary_table(results) + "\n")
     table = tasks_table(results)
     if table:

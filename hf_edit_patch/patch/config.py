@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PatchError, PatchFormatError
+from ..schema import AnyJSON, Enum, Float, Int, List, Map, Nullable, Object, Str, read_json, shorten, validate
 from ..version import __version__
 
 FORMAT_VERSION = 1
@@ -41,19 +42,89 @@ WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 REGULARIZERS = ("rect", "random", "pca")
 
 
-def _known_keys(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+# Bounds of what a config may hold, checked before any arithmetic: a weight dimension fits int32 (so a flat index
+# fits int64), and lists and strings stay far below what the 32 MiB file limit lets through anyway.
+MAX_DIM = 2**31 - 1
+MAX_MODULES = 100_000
+MAX_REQUESTS = 1_000_000
+MAX_STACK = 10_000
+MAX_TEXT = 65_536
+_SHA256 = Str(max_length=71, pattern=r"sha256:[0-9a-f]{64}", what="'sha256:' then 64 lowercase hex digits")
+_TEXT = Str(max_length=MAX_TEXT)
 
-
-def _drop_unknown(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    unknown = sorted(set(data) - _known_keys(cls))
-    if unknown:
-        warnings.warn(
-            f"Ignoring keys {unknown} in {where}: they were written by a newer version of hf_edit_patch "
-            f"(this is {__version__}); upgrade hf_edit_patch to read them.",
-            stacklevel=3,
-        )
-    return {k: v for k, v in data.items() if k not in unknown}
+# One declared schema per file. Which encodings and format versions this version reads, and which patch type it
+# is, are checked by the dataclasses below, whose messages say to upgrade.
+MODULE_RECORD_SCHEMA = Object(
+    {
+        "shape": List(Int(1, MAX_DIM), min_length=2, max_length=2),
+        "layout": Enum(LAYOUTS),
+        "nnz": Int(0, MAX_DIM * MAX_DIM),
+        "encoding": Str(max_length=64),
+        "weight_dtype": Nullable(Enum(WEIGHT_DTYPES)),
+        "fingerprint": Nullable(_SHA256),
+    },
+    required=("shape",),
+    what="a JSON object (a module record)",
+)
+REQUEST_SCHEMA = Object(
+    {
+        "prompt": _TEXT,
+        "subject": _TEXT,
+        "target_new": _TEXT,
+        "target_true": Nullable(_TEXT),
+        "paraphrases": List(_TEXT, max_length=10_000),
+        "neighborhood": List(_TEXT, max_length=10_000),
+    },
+    extra="keep",
+    what="a JSON object (an edit request)",
+)
+PARENT_SCHEMA = Object(
+    {"name": Str(max_length=128), "editor": Nullable(Str(max_length=256)), "content_hash": Nullable(_SHA256)},
+    extra="keep",
+    what="a JSON object (a parent patch: name, editor, content_hash)",
+)
+STACK_REGULARIZER_SCHEMA = Object(
+    {"name": Str(min_length=1, max_length=64)},
+    required=("name",),
+    extra="keep",
+    what="a JSON object (a stack regularizer: name and settings)",
+)
+PATCH_CONFIG_SCHEMA = Object(
+    {
+        "patch_type": Str(max_length=64),
+        "format_version": Int(1, 2**31 - 1),
+        "library_version": Str(max_length=64),
+        "base_model_name_or_path": Nullable(Str(max_length=4096)),
+        "base_model_revision": Nullable(Str(max_length=1024)),
+        "model_type": Nullable(Str(max_length=256)),
+        "modules": Map(
+            MODULE_RECORD_SCHEMA,
+            max_length=MAX_MODULES,
+            key=Str(min_length=1, max_length=1024),
+            what="module name to record",
+        ),
+        "editor": Nullable(Str(max_length=256)),
+        "editor_hparams": Map(AnyJSON(), max_length=1024),
+        "regularizer": Nullable(Enum(REGULARIZERS)),
+        "keep_ratio": Nullable(Float(0.0, 1.0, exclusive_minimum=True)),
+        "regularizer_kwargs": Map(AnyJSON(), max_length=256),
+        "requests": List(REQUEST_SCHEMA, max_length=MAX_REQUESTS),
+        "parent_patches": List(PARENT_SCHEMA, max_length=MAX_STACK),
+        "consolidates": List(PARENT_SCHEMA, max_length=MAX_STACK),
+        "stack_regularizer": Nullable(STACK_REGULARIZER_SCHEMA),
+        "value_dtype": Enum(VALUE_DTYPES),
+        "content_hash": Nullable(_SHA256),
+        "tensors_sha256": Nullable(_SHA256),
+    },
+)
+# The characters of each name are checked by `check_patch_name` where the stack is loaded, before any file is read.
+STACK_SCHEMA = Object(
+    {
+        "patches": List(Str(min_length=1, max_length=128), max_length=MAX_STACK),
+        "content_hashes": List(Nullable(_SHA256), max_length=MAX_STACK),
+    },
+    required=("patches",),
+)
 
 
 @dataclass
@@ -76,14 +147,14 @@ class ModuleRecord:
 
     def __post_init__(self) -> None:
         shape = tuple(self.shape) if isinstance(self.shape, (list, tuple)) else ()
-        if len(shape) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-            raise PatchFormatError(f"module shape must be two positive integers, got {self.shape!r}")
+        if len(shape) != 2 or not all(type(s) is int and 0 < s <= MAX_DIM for s in shape):
+            raise PatchFormatError(f"module shape must be two integers from 1 to {MAX_DIM}, got {shorten(self.shape)}")
         self.shape = shape
         if self.layout not in LAYOUTS:
             raise PatchFormatError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if not isinstance(self.nnz, int) or isinstance(self.nnz, bool) or not 0 <= self.nnz <= shape[0] * shape[1]:
+        if type(self.nnz) is not int or not 0 <= self.nnz <= shape[0] * shape[1]:
             raise PatchFormatError(
-                f"nnz must be an integer in [0, {shape[0] * shape[1]}] for shape {shape}, got {self.nnz!r}"
+                f"nnz must be an integer in [0, {shape[0] * shape[1]}] for shape {shape}, got {shorten(self.nnz)}"
             )
         if self.encoding not in ENCODINGS:
             raise PatchFormatError(
@@ -104,12 +175,14 @@ class ModuleRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "a module record") -> ModuleRecord:
-        if not isinstance(data, dict):
-            raise PatchFormatError(f"{where} must be a JSON object, got {type(data).__name__}")
+        """A record from its JSON object, checked against `MODULE_RECORD_SCHEMA` (unknown keys dropped with a warning).
+
+        Raises:
+            PatchFormatError: naming `where`, the field, the value received and what is accepted.
+        """
+        fields = validate(MODULE_RECORD_SCHEMA, data, source=where)
         try:
-            return cls(**_drop_unknown(cls, data, where))
-        except TypeError as exc:
-            raise PatchFormatError(f"{where} is missing a required key: {exc}") from exc
+            return cls(**fields)
         except PatchFormatError as exc:
             raise PatchFormatError(f"{where}: {exc}") from exc
 
@@ -155,6 +228,16 @@ class PatchConfig:
         default_factory=list,
         metadata={"help": "Patches active when this one was computed (sequential editing), in order: name, hash."},
     )
+    consolidates: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={"help": "Patches this one replaces (PatchedModel.consolidate), bottom first: name, editor, hash."},
+    )
+    stack_regularizer: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Stack-level regularizer the accumulated update satisfies with this patch: {'name', settings}."
+        },
+    )
     value_dtype: str = field(
         default="float16", metadata={"help": f"Stored dtype of ΔW values, one of {VALUE_DTYPES}."}
     )
@@ -168,8 +251,8 @@ class PatchConfig:
     def __post_init__(self) -> None:
         if self.patch_type != PATCH_TYPE:
             raise PatchFormatError(f"patch_type must be {PATCH_TYPE!r}, got {self.patch_type!r}: not an edit patch")
-        if not isinstance(self.format_version, int) or self.format_version < 1:
-            raise PatchFormatError(f"format_version must be a positive integer, got {self.format_version!r}")
+        if type(self.format_version) is not int or self.format_version < 1:
+            raise PatchFormatError(f"format_version must be a positive integer, got {shorten(self.format_version)}")
         if self.format_version > FORMAT_VERSION:
             raise PatchFormatError(
                 f"this patch uses format version {self.format_version}; hf_edit_patch {__version__} reads up to "
@@ -178,10 +261,12 @@ class PatchConfig:
         if self.regularizer is not None and self.regularizer not in REGULARIZERS:
             raise PatchFormatError(f"regularizer must be one of {REGULARIZERS} or None, got {self.regularizer!r}")
         if self.keep_ratio is not None:
-            if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
-                raise PatchFormatError(f"keep_ratio must be a number in (0, 1] or None, got {self.keep_ratio!r}")
-            if not (math.isfinite(self.keep_ratio) and 0.0 < self.keep_ratio <= 1.0):
-                raise PatchFormatError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+            if type(self.keep_ratio) not in (int, float):
+                raise PatchFormatError(
+                    f"keep_ratio must be a number in (0, 1] or None, got {shorten(self.keep_ratio)}"
+                )
+            if not (0.0 < self.keep_ratio <= 1.0 and math.isfinite(self.keep_ratio)):  # compared before converting
+                raise PatchFormatError(f"keep_ratio must be in (0, 1], got {shorten(self.keep_ratio)}")
             self.keep_ratio = float(self.keep_ratio)
         if self.value_dtype not in VALUE_DTYPES:
             raise PatchFormatError(f"value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
@@ -191,7 +276,13 @@ class PatchConfig:
             name: rec if isinstance(rec, ModuleRecord) else ModuleRecord.from_dict(rec, f"modules[{name!r}]")
             for name, rec in self.modules.items()
         }
-        for name in ("requests", "parent_patches"):
+        if self.stack_regularizer is not None and not (
+            isinstance(self.stack_regularizer, dict) and isinstance(self.stack_regularizer.get("name"), str)
+        ):
+            raise PatchFormatError(
+                f"stack_regularizer must be None or a mapping with a 'name', got {shorten(self.stack_regularizer)}"
+            )
+        for name in ("requests", "parent_patches", "consolidates"):
             if not isinstance(getattr(self, name), list):
                 raise PatchFormatError(f"{name} must be a list, got {type(getattr(self, name)).__name__}")
         for name in ("editor_hparams", "regularizer_kwargs"):
@@ -209,22 +300,41 @@ class PatchConfig:
         return json.loads(json.dumps(out))  # deep copy, and proof that it is JSON-serializable
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PatchConfig:
-        if not isinstance(data, dict):
-            raise PatchFormatError(f"{CONFIG_NAME} must hold a JSON object, got {type(data).__name__}")
-        return cls(**_drop_unknown(cls, data, CONFIG_NAME))
+    def from_dict(cls, data: dict[str, Any], *, source: str = CONFIG_NAME) -> PatchConfig:
+        """A config from its JSON object, checked against `PATCH_CONFIG_SCHEMA` first.
+
+        Keys written by a newer version are dropped with a warning. `source` names the file in messages.
+
+        Raises:
+            PatchFormatError: naming the file, the field, the value received (shortened) and what is accepted.
+
+        Example:
+            ```python
+            >>> PatchConfig.from_dict({"patch_type": "EDIT_PATCH", "format_version": 1, "keep_ratio": 0.4}).keep_ratio
+            0.4
+            ```
+        """
+        fields = validate(PATCH_CONFIG_SCHEMA, data, source=source)
+        try:
+            return cls(**fields)
+        except PatchFormatError as exc:
+            raise PatchFormatError(f"{source}: {exc}") from exc
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False, ensure_ascii=False) + "\n"
 
     @classmethod
-    def from_json_file(cls, path: str) -> PatchConfig:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PatchFormatError(f"{path} is not valid JSON ({exc}); the file is truncated or corrupt") from exc
-        return cls.from_dict(data)
+    def from_json_file(cls, path: str | os.PathLike) -> PatchConfig:
+        """Reads `patch_config.json`, bounded in size, depth and numbers before parsing (see `hf_edit_patch.schema`).
+
+        Example:
+            ```python
+            >>> PatchConfig.from_json_file("out/eiffel/patch_config.json").editor  # doctest: +SKIP
+            'rome'
+            ```
+        """
+        path = os.fspath(path)
+        return cls.from_dict(read_json(path), source=path)
 
 
 def check_patch_name(name: str, existing: Mapping[str, Any] | Iterable[str] = ()) -> None:
@@ -239,22 +349,44 @@ def check_patch_name(name: str, existing: Mapping[str, Any] | Iterable[str] = ()
         raise PatchError(f"a patch named {name!r} is already attached; active patches: {list(existing)}")
 
 
-def stack_json(names: list[str]) -> str:
-    """The text of `patch_stack.json`: the names of a stack's patches, bottom first."""
-    return json.dumps({"patches": list(names)}, indent=2) + "\n"
+def stack_json(names: list[str], content_hashes: list[str | None] | None = None) -> str:
+    """The text of `patch_stack.json`: the names of a stack's patches, bottom first, and their content hashes."""
+    manifest: dict[str, Any] = {"patches": list(names)}
+    if content_hashes is not None:
+        if len(content_hashes) != len(names):
+            raise PatchError(f"{len(names)} patch names but {len(content_hashes)} content hashes")
+        manifest["content_hashes"] = list(content_hashes)
+    return json.dumps(manifest, indent=2) + "\n"
 
 
-def read_stack(path: str) -> list[str]:
+def read_stack(path: str | os.PathLike) -> list[str]:
     """The patch names that `patch_stack.json` at `path` lists, bottom first.
 
     Raises:
         PatchFormatError: the file is not a stack written by `PatchedModel.save_pretrained`.
     """
+    return read_stack_manifest(path)[0]
+
+
+def read_stack_manifest(path: str | os.PathLike) -> tuple[list[str], list[str | None] | None]:
+    """The patch names that `patch_stack.json` at `path` lists, bottom first, and their content hashes (None for a
+    manifest written without them).
+
+    Raises:
+        PatchFormatError: the file is not a stack written by `PatchedModel.save_pretrained`, or lists a different
+            number of hashes than names.
+
+    Example:
+        ```python
+        >>> names, hashes = read_stack_manifest("out/all/patch_stack.json")  # doctest: +SKIP
+        ```
+    """
+    path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f)["patches"]
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise TypeError("patches must be a list of names")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise PatchFormatError(f"{path} is not a valid patch stack ({exc})") from exc
-    return names
+        manifest = validate(STACK_SCHEMA, read_json(path, source=STACK_NAME), source=STACK_NAME)
+        names, hashes = manifest["patches"], manifest.get("content_hashes")
+        if hashes is not None and len(hashes) != len(names):
+            raise PatchFormatError(f"{len(names)} patch names but {len(hashes)} content_hashes")
+        return names, hashes
+    except PatchFormatError as exc:
+        raise PatchFormatError(f"{path} is not a valid patch stack: {exc}") from exc

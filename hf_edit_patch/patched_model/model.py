@@ -24,14 +24,15 @@ returns the `PeftModel` exactly as it was.
 One model, one stack: the attached patches, their undo data and a re-entrant lock live on the wrapped model itself
 (attribute `_hf_edit_patch_stack`), so every `PatchedModel` wrapping the same model shows and changes the same
 stack. Weight-changing calls (`add_patch`, `load_patch`, `remove_patch`, `disable_patches` for the length of its
-block, `edit`, `compact`, `unload`, `merge_and_unload`, loading a saved stack) hold that lock, so calls from several
-threads give the result of some serial order, bit for bit. Forward passes do not take it: hold `pm.lock` around
-them to keep another thread from changing the weights in the middle of one.
+block, `edit`, `consolidate`, `compact`, `unload`, `merge_and_unload`, loading a saved stack) hold that lock, so
+calls from several threads give the result of some serial order, bit for bit. Forward passes do not take it: hold
+`pm.lock` around them to keep another thread from changing the weights in the middle of one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -43,9 +44,11 @@ import torch
 from torch import nn
 
 from ..errors import PatchError
-from ..modules import resolve_weight
 from ..patch.config import check_patch_name
+from ..patch.conflicts import StackConflicts, find_conflicts
 from ..patch.edit_patch import EditPatch
+from ..patch.sparsifiers import sparsify
+from .consolidate import consolidate_run, consolidated_name, run_of
 from .persistence import StackPersistence
 from .stack import serialized, stack_of
 from .writes import Applied, apply_patch, restore_weights, validate_patch
@@ -261,6 +264,89 @@ class PatchedModel(StackPersistence, nn.Module):
         return patch
 
     @serialized
+    def consolidate(
+        self,
+        patch_names: list[str] | str | None = None,
+        regularizer: str | None = None,
+        *,
+        regularizer_kwargs: dict[str, Any] | None = None,
+        patch_name: str | None = None,
+        value_dtype: str | torch.dtype = "float32",
+    ) -> EditPatch:
+        """Replaces a run of consecutive patches by one patch: their accumulated update, regularized if asked.
+
+        The new patch holds, per module the run touches, the weights with the run applied minus the weights under it
+        (float32 by default, so without a regularizer the weights match the run's up to rounding of that
+        difference). A stack-level `regularizer` ("prune", "norm_anchor", "rect"; `hf_edit_patch.regularizers.stack`)
+        with `regularizer_kwargs` replaces that update with one that satisfies its bound. The patch records the
+        replaced patches (`config.consolidates`: names, editors, content hashes), all their requests and the
+        regularizer; it is attached where the run was, and the patches above it are re-applied on top. Removing it
+        restores the weights under it bit for bit. It saves, loads and pushes like any patch. If anything fails, the
+        stack is left as it was.
+
+        Args:
+            patch_names: the run, consecutive in the stack (None: every active patch).
+            regularizer: a registered stack regularizer, or None for the exact accumulated update.
+            regularizer_kwargs: its settings, e.g. `{"threshold": 1.0}` for "prune", `{"alpha": 0.1}` for
+                "norm_anchor", `{"keep_ratio": 0.4}` for "rect".
+            patch_name: the new patch's name (default: the run's first and last names, 'p2-p3').
+            value_dtype: stored dtype of the values ("float32", "float16", "bfloat16" or "auto").
+
+        Example:
+            ```python
+            >>> pm.consolidate(["p2", "p3"], regularizer="prune", patch_name="c")
+            ```
+        """
+        self._require_enabled("consolidate")
+        names = run_of(self.active_patches, patch_names)
+        name = patch_name if patch_name is not None else consolidated_name(names)
+        check_patch_name(name, [n for n in self._patches if n not in names])
+        patch = consolidate_run(
+            self.base_model,
+            self._stack,
+            names,
+            regularizer=regularizer,
+            regularizer_kwargs=regularizer_kwargs,
+            value_dtype=value_dtype,
+        )
+        self._replace_run(names, patch, name)
+        return patch
+
+    def _replace_run(self, names: list[str], patch: EditPatch, patch_name: str) -> None:
+        """Attaches `patch` in place of the run `names` and re-applies the patches above; all or nothing."""
+        start = list(self._patches).index(names[0])
+        saved = list(self._patches.items())
+        removed = self._unapply_down_to(start)  # the run and the patches above it, bottom first, now off
+        above = removed[len(names) :]
+        for name in removed:
+            del self._patches[name]
+        try:
+            self.add_patch(patch, patch_name)
+            self._patches.update((n, dict(saved)[n]) for n in above)
+            self._reapply(above)
+        except BaseException:
+            self._unapply_down_to(start)
+            self._patches.clear()
+            self._patches.update(saved)
+            self._reapply(removed)
+            raise
+
+    def conflicts(self) -> StackConflicts:
+        """What the active patches' edits do to each other: facts edited twice, contradicting requests, overlaps.
+
+        Returns a `StackConflicts` (see `hf_edit_patch.patch.conflicts.find_conflicts`): `superseded` (a later patch
+        edits the same subject and relation as an earlier one), `contradictions` (one patch asks for two targets
+        for the same subject and relation) and `overlaps` (per module, the entries more than one patch changes).
+        `str()` of it is a readable report.
+
+        Example:
+            ```python
+            >>> print(pm.conflicts())
+            ```
+        """
+        return find_conflicts(list(self.patches.items()))
+
+    @serialized
     def compact(
         self,
         keep_ratio: float | None = None,
@@ -270,15 +356,13 @@ class PatchedModel(StackPersistence, nn.Module):
         patch_name: str = "stack",
         value_dtype: str | torch.dtype = "float32",
     ) -> EditPatch:
-        """Stack-level regularization: replaces the active patches with one patch of their combined update.
+        """Stack-level sparsifying: replaces every active patch with one patch of their combined update.
 
-        The combined ΔW of every module the stack touches (current weights minus base weights) is sparsified again
-        with `regularizer` at `keep_ratio` (or RECT's `norm_budget`), so that however many edits are stacked, the
-        number of changed entries stays bounded. The new patch is computed against the base weights, records the
-        requests of all the patches it replaces, and is attached in their place; removing it restores the base
-        model exactly. With `keep_ratio=None` and no `norm_budget` the stack becomes one patch holding the whole
-        combined update (in float32 by default, so the weights match the stack's up to rounding of that sum).
-        If anything fails, the stack is left as it was.
+        `consolidate` of the whole stack with a per-matrix `regularizer` ("rect", "random" or "pca") applied to the
+        combined update at `keep_ratio` (or RECT's `norm_budget`), so that however many edits are stacked, the number
+        of changed entries stays bounded. With `keep_ratio=None` and no `norm_budget` the stack becomes one patch
+        holding the whole combined update. The patch also lists the replaced patches in
+        `editor_hparams["compacted"]`. If anything fails, the stack is left as it was.
 
         Returns:
             The new patch (also attached as `patch_name`).
@@ -286,37 +370,33 @@ class PatchedModel(StackPersistence, nn.Module):
         self._require_enabled("compact")
         if not self._patches:
             raise PatchError("there are no active patches to compact")
+        names = self.active_patches
         check_patch_name(patch_name, {})
-        modules = sorted({m for p in self._patches.values() for m in p.deltas})
-        current = {m: resolve_weight(self.base_model, m)[1].detach().clone() for m in modules}
-        replaced = list(self._patches.items())
-        with self.disable_patches():
-            deltas = {m: current[m].float() - resolve_weight(self.base_model, m)[1].detach().float() for m in modules}
-            del current
-            patch = EditPatch.from_deltas(
-                deltas,
-                self.base_model,
-                keep_ratio=keep_ratio,
-                regularizer=regularizer,
-                regularizer_kwargs={"norm_budget": norm_budget} if norm_budget is not None else None,
-                value_dtype=value_dtype,
-                editor="stack",
-                editor_hparams={
-                    "compacted": [
-                        {"name": n, "editor": p.config.editor, "content_hash": p.config.content_hash}
-                        for n, p in replaced
-                    ]
-                },
-                requests=[r for _, p in replaced for r in p.config.requests],
+        settings = {"norm_budget": norm_budget} if norm_budget is not None else {}
+        sparsifying = regularizer is not None and (keep_ratio is not None or norm_budget is not None)
+
+        def regularize(module: str, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            if not sparsifying:
+                return delta
+            return sparsify(delta, weight, regularizer, keep_ratio, name=module, **settings).to_dense(torch.float32)
+
+        replaced = [
+            {"name": n, "editor": p.config.editor, "content_hash": p.config.content_hash}
+            for n, p in self._patches.items()
+        ]
+        patch = consolidate_run(
+            self.base_model,
+            self._stack,
+            names,
+            regularize=regularize,
+            value_dtype=value_dtype,
+            editor_hparams={"compacted": replaced},
+        )
+        if sparsifying:
+            patch.config = dataclasses.replace(
+                patch.config, regularizer=regularizer, keep_ratio=keep_ratio, regularizer_kwargs=settings
             )
-        names = self._unapply_down_to(0)
-        self._patches.clear()
-        try:
-            self.add_patch(patch, patch_name)
-        except BaseException:
-            self._patches.update(replaced)
-            self._reapply(names)
-            raise
+        self._replace_run(names, patch, patch_name)
         return patch
 
     @serialized

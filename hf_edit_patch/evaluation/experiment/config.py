@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -24,9 +25,12 @@ from ...requests import EditRequest, EditRequestError
 from ..tasks.prompts import PROBE_TASKS, TASKS
 
 __all__ = [
+    "ADDED_FIELDS",
+    "COUNTERFACTUALS",
     "MEASUREMENT_FIELDS",
     "REGULARIZERS",
     "SETTINGS",
+    "STACK_REGULARIZERS",
     "UNITS",
     "ExperimentConfig",
     "edit_settings",
@@ -37,7 +41,11 @@ __all__ = [
 
 SETTINGS = ("sequential", "single")
 UNITS = ("instance", "batch")
-REGULARIZERS = ("none", "rect", "random", "pca", "norm", "auto", "stack")
+REGULARIZERS = ("none", "rect", "random", "pca", "norm", "auto", "stack", "prune", "anchor")
+# stack-level regularizers applied to every edit (`edit(..., stack_regularizer=...)`): spec name -> (registered name,
+# setting the spec's number sets)
+STACK_REGULARIZERS = {"prune": ("prune", "threshold"), "anchor": ("norm_anchor", "alpha")}
+COUNTERFACTUALS = ("none", "fill", "only")
 # config fields that only say what is measured: they may differ on a rerun (missing measures are then added)
 MEASUREMENT_FIELDS = (
     "regularizers",
@@ -50,15 +58,21 @@ MEASUREMENT_FIELDS = (
     "probe_tasks",
     "probe_limit",
     "probe_max_length",
+    "first_edits",
 )
+# config fields added after results files were first written, with the value an older file's lack of them means
+ADDED_FIELDS = {"counterfactuals": "none"}
 
 
 def parse_regularizer(spec: str) -> tuple[str, float | None]:
     """Regularizer specs of a run.
 
     "none" (the whole update), "rect:K" / "random:K" / "pca:K" (keep ratio K), "norm:F" (RECT keeping the fewest
-    entries that carry F of each update's squared norm), "auto" (RECT with `keep_ratio="auto"`), and "stack:K"
-    (sequential editing: whole updates, the stack re-sparsified with RECT at K after every edit).
+    entries that carry F of each update's squared norm), "auto" (RECT with `keep_ratio="auto"`), "stack:K"
+    (sequential editing: whole updates, the stack re-sparsified with RECT at K after every edit), and the stack-level
+    regularizers applied to every edit, whole updates computed so that the stack with them satisfies a bound:
+    "prune:T" (singular values of the accumulated update above T · σ_max(W) compressed) and "anchor:A"
+    (‖ΔW_acc‖_F ≤ A · ‖W‖_F); "prune" and "anchor" alone use their defaults.
     Returns (name, number or None).
     """
     if not isinstance(spec, str):
@@ -70,6 +84,16 @@ def parse_regularizer(spec: str) -> tuple[str, float | None]:
         if ratio:
             raise ValueError(f"{name!r} takes no keep ratio, got {spec!r}")
         return name, None
+    if name in STACK_REGULARIZERS:
+        if not ratio:
+            return name, None
+        try:
+            value = float(ratio)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"the number of {spec!r} must be positive, e.g. '{name}:0.5'")
+        return name, value
     try:
         keep = float(ratio)
     except ValueError:
@@ -84,6 +108,10 @@ def edit_settings(spec: str) -> dict[str, Any]:
     name, value = parse_regularizer(spec)
     if name in ("none", "stack"):
         return {"keep_ratio": None}
+    if name in STACK_REGULARIZERS:
+        registered, setting = STACK_REGULARIZERS[name]
+        settings = {setting: value} if value is not None else {}
+        return {"keep_ratio": None, "stack_regularizer": registered, "stack_regularizer_kwargs": settings}
     if name == "norm":
         return {"regularizer": "rect", "norm_budget": value}
     if name == "auto":
@@ -96,7 +124,7 @@ class ExperimentConfig:
     """What to run. Every field is recorded in the results; a resumed run must match it (except the
     `MEASUREMENT_FIELDS`)."""
 
-    data: str
+    data: str | None
     method: str = "rome"
     regularizers: list[str] = field(default_factory=lambda: ["none", "rect:0.4"])
     setting: str = "sequential"
@@ -121,6 +149,8 @@ class ExperimentConfig:
     probe_tasks: list[str] = field(default_factory=list)
     probe_limit: int = 32
     probe_max_length: int = 160
+    counterfactuals: str = "none"
+    first_edits: int = 50
 
     def __post_init__(self) -> None:
         from ...editing import METHODS  # here, not above: the command line reads this module without torch
@@ -131,6 +161,12 @@ class ExperimentConfig:
             raise ValueError(f"unknown setting {self.setting!r}; accepted: {SETTINGS}")
         if self.unit not in UNITS:
             raise ValueError(f"unknown unit {self.unit!r}; accepted: {UNITS}")
+        if self.counterfactuals not in COUNTERFACTUALS:
+            raise ValueError(f"unknown counterfactuals {self.counterfactuals!r}; accepted: {COUNTERFACTUALS}")
+        if self.data is None and self.counterfactuals != "only":
+            raise ValueError("data (a ZsRE file) is needed unless counterfactuals='only'")
+        if isinstance(self.first_edits, bool) or not isinstance(self.first_edits, int) or self.first_edits < 1:
+            raise ValueError(f"first_edits must be a positive integer, got {self.first_edits!r}")
         for spec in self.regularizers:
             if parse_regularizer(spec)[0] == "stack" and self.setting != "sequential":
                 raise ValueError(f"{spec!r} re-sparsifies a stack of edits: it needs setting='sequential'")
@@ -177,10 +213,11 @@ class ExperimentConfig:
         return f"{self.method}-{self.setting}-{self.unit}-{spec.replace(':', '')}-seed{self.seed}"
 
 
-def load_zsre(path: str | os.PathLike, n: int, seed: int = 0) -> list[Any]:
+def load_zsre(path: str | os.PathLike, n: int | None, seed: int = 0) -> list[Any]:
     """The first `n` usable ZsRE records as `EditRequest`s: distinct subjects, no record that cannot be a request.
 
-    `seed` 0 keeps the file order; another seed shuffles the records first (a different record order).
+    `seed` 0 keeps the file order; another seed shuffles the records first (a different record order). `n=None`
+    returns every usable record.
     """
     with open(path, encoding="utf-8") as f:
         records = json.load(f)
@@ -200,6 +237,8 @@ def load_zsre(path: str | os.PathLike, n: int, seed: int = 0) -> list[Any]:
         out.append(req)
         if len(out) == n:
             return out
+    if n is None:
+        return out
     raise ValueError(f"{path} has only {len(out)} usable records with distinct subjects; {n} were asked for")
 
 

@@ -1,5 +1,7 @@
-"""What an experiment records at a checkpoint: editing metrics against the base model's locality reference, drift
-on neutral text, weight statistics with a pooled |ΔW| map, and (when configured) general tasks and label probes.
+"""What an experiment records at a checkpoint: editing metrics against the base model's locality reference (and on the
+first `first_edits` requests again: forgetting), drift on neutral text, weight statistics with a pooled |ΔW| map,
+the norms and condition numbers of the accumulated update per edited matrix, and (when configured) general tasks
+and label probes.
 
 Example:
     ```python
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
+from ..accumulated import accumulated_update_stats
 from ..divergence import drift
 from ..probes import label_probes
 from ..scoring import LocalityReference, score_edits
@@ -80,7 +83,14 @@ class Measures:
 
     def drift(self, pm: Any) -> dict[str, Any]:
         """Drift of a `PatchedModel` against its base (patches disabled) on the neutral texts."""
-        return drift(None, pm, self.tokenizer, self.neutral, max_length=self.config.drift_max_length)
+        return drift(
+            None,
+            pm,
+            self.tokenizer,
+            self.neutral,
+            max_length=self.config.drift_max_length,
+            show_progress=self.show,
+        )
 
     def editing(self, model: Any, requests: Sequence[Any]) -> dict[str, Any]:
         """Reliability, generalization and locality of `model` on `requests`."""
@@ -114,6 +124,11 @@ class Measures:
         """
         t0 = time.perf_counter()
         point: dict[str, Any] = {"editing": self.editing(pm, edited), "drift": self.drift(pm)}
+        first = self.config.first_edits
+        if len(edited) > first:  # forgetting: the first edits, measured again after all that came after them
+            point["first_edits"] = {"n": first, **self.editing(pm, edited[:first])}
+        if base_weights:
+            point["accumulated"] = accumulated_update_stats(base_weights, pm)
         stats = weight_change_stats(base_weights, pm) if base_weights else None
         if stats is not None:
             stats["frac_rel_change_gt"] = {str(k): v for k, v in stats["frac_rel_change_gt"].items()}

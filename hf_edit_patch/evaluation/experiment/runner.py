@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from ...editing import compute_update, edit, regularize_update
 from ...hub.default_model import load_default_model
 from ...hub.stats_cache import StatsCache
 from ...patch.edit_patch import EditPatch
 from ...patched_model import PatchedModel
+from ...progress import progress_bar
+from ..counterfactuals import unstated_counterfactuals
 from ..scoring import locality_reference
 from .config import ExperimentConfig, edit_settings, load_zsre, neutral_texts, parse_regularizer
 from .measures import Measures
@@ -60,10 +60,10 @@ class ExperimentRunner:
     def setup(self) -> None:
         """Loads the requests, the model (unless given), the neutral texts, and the editing arguments."""
         c = self.config
-        self.requests = load_zsre(c.data, max(c.checkpoints), seed=c.seed)
         if self.model is None:
             self.model, self.tokenizer = load_default_model(c.model)
         self.model.eval()
+        self.requests = self.load_requests()
         self.measures = Measures(c, self.tokenizer, neutral_texts(c), self.show)
         self.updates: dict[tuple[int, ...], tuple[Any, float]] = {}  # single runs: whole updates, seconds
         self.edit_kwargs: dict[str, Any] = {
@@ -75,6 +75,22 @@ class ExperimentRunner:
             self.edit_kwargs["stats_dataset"] = c.stats_dataset
         else:
             self.edit_kwargs["allow_model_sampled_stats"] = True
+
+    def load_requests(self) -> list[Any]:
+        """The first `max(checkpoints)` requests: ZsRE records, then (`counterfactuals="fill"`) generated
+        counterfactuals the model does not already state, or (`"only"`) generated ones alone; the seed orders both."""
+        c = self.config
+        n = max(c.checkpoints)
+        records: list[Any] = []
+        if c.counterfactuals != "only":
+            records = load_zsre(c.data, None if c.counterfactuals == "fill" else n, c.seed)[:n]
+        if len(records) < n:
+            subjects = [r.subject for r in records]
+            extra = unstated_counterfactuals(self.model, self.tokenizer, n - len(records), seed=c.seed,
+                                             exclude_subjects=subjects)  # fmt: skip
+            logger.info("%d ZsRE requests and %d generated counterfactuals", len(records), len(extra))
+            records += extra
+        return records
 
     def measure_base(self) -> None:
         """The base model's point (or the measures it lacks), and the locality reference of every request."""
@@ -108,7 +124,7 @@ class ExperimentRunner:
             self.tokenizer,
             list(requests),
             method=self.config.method,
-            show_progress=False,
+            show_progress=self.show,
             **edit_settings(spec),
             **self.edit_kwargs,
         )
@@ -127,7 +143,7 @@ class ExperimentRunner:
                 self.tokenizer,
                 [self.requests[i] for i in indices],
                 method=self.config.method,
-                show_progress=False,
+                show_progress=self.show,
                 **self.edit_kwargs,
             )
             self.updates[key] = (update, time.perf_counter() - t0)
@@ -165,7 +181,7 @@ class ExperimentRunner:
         base_weights: dict[str, Any] = {}
         edit_seconds = 0.0
         try:
-            bar = tqdm(total=last, desc=run_name, unit="request", disable=(self.show is False) or None)
+            bar = progress_bar(total=last, desc=run_name, unit="request", show_progress=self.show)
             done = 0
             while done < last:
                 group = self.requests[done : done + step]

@@ -1,0 +1,143 @@
+"""Stack-level regularizers: constraints on the accumulated update of a stack of patches, one module at a time.
+
+Long runs of edits degrade a model through the *accumulated* update ΔW_acc: its norm grows, its large singular
+values grow, and the edited matrix becomes ill-conditioned. These regularizers take ΔW_acc of one module and the
+weight W under it, and return a replacement update that satisfies a bound, or ΔW_acc itself when it already does:
+
+- `"prune"`, a condition-number restraint in the spirit of PRUNE (Ma et al. 2024, "Perturbation-Restrained
+  Sequential Model Editing"): the singular values of ΔW_acc above τ = `threshold` · σ_max(W) are compressed
+  logarithmically, σ ↦ τ · (1 + ln(σ / τ)). The map is the identity up to τ, continuous with slope 1 there, and
+  grows only logarithmically beyond, so no direction of the update outgrows the weight's own spectrum by much and
+  the edited matrix W + ΔW_acc keeps a condition number close to W's. The singular vectors are kept: each edit's
+  direction survives, with a smaller gain in the directions many edits pushed.
+- `"norm_anchor"`: ‖ΔW_acc‖_F ≤ `alpha` · ‖W‖_F; an update over the bound is scaled down to it (direction and
+  sparsity kept).
+- `"rect"`: RECT on the accumulated update (top-k by |ΔW_acc / W| at `keep_ratio`, or the fewest entries carrying
+  `norm_budget` of its squared norm), which bounds how many entries a stack changes however long it grows.
+
+AlphaEdit's projection against the keys of earlier edits is not a function of ΔW_acc alone: it is the
+`"alphaedit"` editor, which projects each new update knowing the requests of the active patches.
+
+Importing this module registers the three under those names (`hf_edit_patch.patch.stack_regularizers`), for
+`PatchedModel.consolidate(regularizer=...)` and `hf_edit_patch.edit(..., stack_regularizer=...)`.
+
+Example:
+    ```python
+    >>> import torch
+    >>> from hf_edit_patch.regularizers.stack import prune_restrain
+    >>> w = torch.eye(8)
+    >>> dw = torch.zeros(8, 8); dw[0, 0] = 10.0
+    >>> float(prune_restrain(dw, w, threshold=1.0)[0, 0])   # 1 · (1 + ln 10)
+    3.302585...
+    ```
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..errors import PatchError
+from ..patch.sparsifiers import sparsify
+from ..patch.stack_regularizers import register_stack_regularizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "norm_anchor", "prune_restrain", "rect_accumulated"]
+
+DEFAULT_THRESHOLD = 1.0
+"""`prune`: singular values of the accumulated update above this multiple of the weight's largest are compressed."""
+DEFAULT_ALPHA = 0.1
+"""`norm_anchor`: the accumulated update's Frobenius norm is bounded by this fraction of the weight's."""
+
+
+def _positive(value: object, what: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise PatchError(f"{name}: {what} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+@register_stack_regularizer("prune")
+def prune_restrain(
+    delta: torch.Tensor, weight: torch.Tensor, *, name: str = "delta", threshold: float = DEFAULT_THRESHOLD
+) -> torch.Tensor:
+    """Compresses the singular values of ΔW above τ = `threshold` · σ_max(W) to τ · (1 + ln(σ / τ)).
+
+    Only the components above τ change: the result is ΔW − Σ_{σᵢ > τ} (σᵢ − σ'ᵢ) uᵢ vᵢᵀ, computed from the SVD of
+    ΔW in float32. Returns `delta` itself when no singular value exceeds τ.
+
+    Args:
+        delta: the accumulated update ΔW (float32), in the module's layout (singular values do not depend on it).
+        weight: the weight under the update.
+        threshold: τ as a multiple of W's largest singular value, > 0.
+
+    Example:
+        ```python
+        >>> prune_restrain(torch.zeros(4, 4), torch.eye(4)).abs().sum()
+        tensor(0.)
+        ```
+    """
+    threshold = _positive(threshold, "threshold", name)
+    sigma_w = float(torch.linalg.matrix_norm(weight.to(torch.float32), ord=2))
+    tau = threshold * sigma_w
+    if tau <= 0.0:
+        raise PatchError(f"{name}: the weight is zero, so its spectrum gives no bound for 'prune'")
+    u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
+    big = s > tau
+    if not bool(big.any()):
+        return delta
+    s_big = s[big]
+    shrunk = tau * (1.0 + torch.log(s_big / tau))
+    logger.debug("%s: %d singular value(s) over %.4g compressed (largest %.4g -> %.4g)", name, int(big.sum()), tau,
+                 float(s_big[0]), float(shrunk[0]))  # fmt: skip
+    return delta - (u[:, big] * (s_big - shrunk)) @ vh[big]
+
+
+@register_stack_regularizer("norm_anchor")
+def norm_anchor(
+    delta: torch.Tensor, weight: torch.Tensor, *, name: str = "delta", alpha: float = DEFAULT_ALPHA
+) -> torch.Tensor:
+    """Scales ΔW down to ‖ΔW‖_F = `alpha` · ‖W‖_F when it is larger; returns `delta` itself otherwise.
+
+    Example:
+        ```python
+        >>> float(norm_anchor(torch.eye(4), torch.eye(4), alpha=0.5).norm())   # ‖W‖_F = 2: bound 1
+        1.0
+        ```
+    """
+    alpha = _positive(alpha, "alpha", name)
+    bound = alpha * float(torch.linalg.vector_norm(weight.to(torch.float32)))
+    norm = float(torch.linalg.vector_norm(delta.to(torch.float32)))
+    if norm <= bound:
+        return delta
+    return delta * (bound / norm)
+
+
+@register_stack_regularizer("rect")
+def rect_accumulated(
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    name: str = "delta",
+    keep_ratio: float | None = None,
+    norm_budget: float | None = None,
+) -> torch.Tensor:
+    """RECT on the accumulated update: keeps its top `keep_ratio` entries by |ΔW / W| (or a `norm_budget`).
+
+    Returns `delta` itself when every nonzero entry is kept.
+
+    Example:
+        ```python
+        >>> int(rect_accumulated(torch.ones(4, 4), torch.ones(4, 4), keep_ratio=0.25).count_nonzero())
+        4
+        ```
+    """
+    if keep_ratio is None and norm_budget is None:
+        raise PatchError(f"{name}: stack regularizer 'rect' needs keep_ratio (in (0, 1]) or norm_budget (in (0, 1])")
+    kwargs = {"norm_budget": norm_budget} if norm_budget is not None else {}
+    kept = sparsify(delta, weight, "rect", keep_ratio, name=name, **kwargs)
+    if kept.nnz == int(torch.count_nonzero(delta)):
+        return delta
+    return kept.to_dense(torch.float32)
