@@ -298,3 +298,94 @@ def test_edit_with_a_searched_ratio_or_a_norm_budget(work, tmp_path):
     assert main(["edit", "--model", work.model, *EIFFEL, *ft, "--norm-budget", "0.9", "-o", str(tmp_path / "n")]) == 0
     assert hep.EditPatch.from_pretrained(tmp_path / "n").config.regularizer_kwargs == {"norm_budget": 0.9}
     assert main(["edit", "--model", work.model, *EIFFEL, *ft, "--keep-ratio", "most", "-o", str(tmp_path / "x")]) == 2
+
+
+def test_help_names_every_method_the_default_budget_and_the_command(capsys):
+    from hf_edit_patch import editing
+    from hf_edit_patch.cli import patches
+
+    assert set(patches.METHODS) == set(editing.METHODS)
+    assert patches.DEFAULT_KEEP_RATIO == editing.DEFAULT_KEEP_RATIO
+    assert main(["edit", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ROME, MEMIT, FT, AlphaEdit, knowledge neurons (KN) or a trained MEND editor" in text
+    assert f"editing method: {', '.join(patches.METHODS)}" in text
+    assert "(default: 0.4, the same as hf_edit_patch.edit)" in text and "--no-progress" in text
+    assert main(["demo", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: hf-edit-patch demo ")
+    assert main(["demo", "--no-such-option"]) == 2
+    assert "usage: hf-edit-patch demo" in capsys.readouterr().err
+
+
+def test_edit_keeps_forty_percent_by_default_as_the_library_does(work, tmp_path, capsys):
+    ft = ["--method", "ft", "--hparams", '{"num_steps": 2}', "--no-progress"]
+    assert main(["edit", "--model", work.model, *EIFFEL, *ft, "-o", str(tmp_path / "d")]) == 0
+    config = hep.EditPatch.from_pretrained(tmp_path / "d").config
+    assert config.regularizer == "rect" and config.keep_ratio == 0.4
+    both = ["--keep-ratio", "0.4", "--norm-budget", "0.9"]
+    assert main(["edit", "--model", work.model, *EIFFEL, *ft, *both, "-o", str(tmp_path / "x")]) == 2
+    assert "give --keep-ratio or --norm-budget, not both" in capsys.readouterr().err
+
+
+def test_statistics_errors_name_the_flags_of_the_command(work, tmp_path, capsys):
+    argv = ["edit", "--model", work.model, *EIFFEL, "--method", "rome", "-o", str(tmp_path / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--stats-dataset wikitext" in err and "--stats-text-field passage" in err and "--model-sampled-stats" in err
+    assert "allow_model_sampled" not in err and "text_field=" not in err
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"passage": "the eiffel tower is in paris ."}) + "\n")
+    assert main([*argv, "--stats-dataset", str(corpus)]) == 2
+    assert "has no field 'text'" in (err := capsys.readouterr().err) and "pass --stats-text-field passage" in err
+    compute = ["stats", "compute", "--model", work.model, "--stats-dataset", str(corpus), "--cache-dir", str(tmp_path)]
+    assert main(compute) == 2
+    assert "pass --stats-text-field passage" in capsys.readouterr().err
+
+
+def test_apply_checks_every_patch_before_loading_the_model(work, tmp_path, monkeypatch, capsys):
+    from hf_edit_patch.cli import patches
+
+    loads = []
+    monkeypatch.setattr(patches, "load_model", lambda args: loads.append(args) or pytest.fail("model loaded"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(work.patch):
+        if os.path.isfile(os.path.join(work.patch, name)):
+            (broken / name).write_bytes(_read(os.path.join(work.patch, name)))
+    (broken / "patch_config.json").write_text("{not json")
+    for source, message in [(tmp_path / "none", "neither an existing local folder"), (broken, "patch_config.json")]:
+        assert main(["apply", work.patch, str(source), "--model", work.model, "--prompt", "the tower"]) == 2
+        assert message in capsys.readouterr().err
+    assert loads == []
+
+
+def test_apply_records_the_base_model_and_every_patch_and_writes_readable_files(work, tmp_path, capsys):
+    out = tmp_path / "merged"
+    with pytest.warns(UserWarning, match="differ from those the patch was computed on"):  # the second on the first
+        assert main(["apply", work.patch, work.patch, "--model", work.model, "-o", str(out)]) == 0
+    record = json.loads((out / "hf_edit_patch_merged.json").read_text())
+    content_hash = hep.EditPatch.from_pretrained(work.patch).config.content_hash
+    assert record["base_model"] == work.model and record["base_model_weights"] is None
+    assert [(p["name"], p["source"], p["content_hash"]) for p in record["patches"]] == [
+        ("patch", work.patch, content_hash),
+        ("patch1", work.patch, content_hash),
+    ]
+    assert record["patches"][0]["editor"] == "ft" and record["patches"][0]["requests"] == 1
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_no_progress_hides_the_libraries_bars_only_while_the_command_runs():
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from hf_edit_patch.cli.common import library_bars_off, show_progress
+
+    before = (hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled())
+    with library_bars_off(True):
+        assert not hf_logging.is_progress_bar_enabled() and hub_utils.are_progress_bars_disabled()
+    assert (hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()) == before
+    assert show_progress(SimpleNamespace(no_progress=True)) is False
+    assert show_progress(SimpleNamespace(no_progress=False)) is None

@@ -156,7 +156,7 @@ def test_rome_update_writes_the_optimized_value_and_leaves_the_model_unchanged(a
     _, v = module_output_at_subject(model, tok, name, REQ)
     target = v + torch.linspace(-1, 1, v.numel())  # a known value: the update must make the module produce it
     monkeypatch.setattr(rome, "optimize_value", lambda *a, **k: (v, target))
-    patch = hep.edit(model, tok, [REQ], method="rome", hparams=FAST, value_dtype="float32")
+    patch = hep.edit(model, tok, [REQ], method="rome", hparams=FAST, value_dtype="float32", keep_ratio=None)
     assert_state_equal(model, base)
     assert patch.target_modules == [name]
     dense = patch.deltas[name].to_dense()
@@ -250,13 +250,14 @@ def test_memit_closes_the_residual_gap_at_the_last_layer(arch, tok, monkeypatch)
     block = f"{spec.layers}.2"
     targets = {}
 
-    def fake_value(model_, tok_, req, module, contexts, hp, edits=None, desc=""):
+    def fake_values(model_, tok_, reqs_, module, contexts, hp, edits=None, show_progress=None, desc=""):
         assert module == block  # MEMIT's targets live in the residual stream of the last edited layer
-        _, z = input_output_at(model_, tok_, module, req.prompt, req.subject)
-        targets[req.subject] = z + 0.3 * z.norm() / z.numel() ** 0.5
-        return z, targets[req.subject]
+        zs = [input_output_at(model_, tok_, module, req.prompt, req.subject)[1] for req in reqs_]
+        for req, z in zip(reqs_, zs, strict=True):
+            targets[req.subject] = z + 0.3 * z.norm() / z.numel() ** 0.5
+        return torch.stack(zs), torch.stack([targets[req.subject] for req in reqs_])
 
-    monkeypatch.setattr(spread, "optimize_value", fake_value)
+    monkeypatch.setattr(spread, "optimize_values", fake_values)
     width = model.get_submodule(spec.mlp_out.format(1)).weight.shape[1 if spec.layout == "linear" else 0]
     moments = {spec.mlp_out.format(i): torch.eye(width) for i in layers}
     hp = MemitHParams(layers=layers, mom2_update_weight=1e-4, **{**FAST, "n_context_templates": 0})
@@ -295,7 +296,13 @@ def test_ft_gives_a_dense_clamped_delta(tok):
     base = snapshot(model)
     before = target_logprob(model, tok, REQ.text, "rome")
     patch = hep.edit(
-        model, tok, [REQ], method="ft", hparams={"norm_constraint": 0.05, "lr": 0.01}, value_dtype="float32"
+        model,
+        tok,
+        [REQ],
+        method="ft",
+        hparams={"norm_constraint": 0.05, "lr": 0.01},
+        value_dtype="float32",
+        keep_ratio=None,
     )
     assert_state_equal(model, base)
     dense = patch.deltas["model.layers.1.mlp.down_proj"].to_dense()

@@ -56,12 +56,13 @@ def fake_targets(monkeypatch, module, scale=0.3):
     """Replaces the value optimization by a known shift of the last edited layer's output."""
     targets = {}
 
-    def fake_value(model_, tok_, req, block, contexts, hp, edits=None, desc=""):
-        _, z = input_output_at(model_, tok_, block, req.prompt, req.subject)
-        targets[req.subject] = z + scale * z.norm() / z.numel() ** 0.5
-        return z, targets[req.subject]
+    def fake_values(model_, tok_, reqs, block, contexts, hp, edits=None, show_progress=None, desc=""):
+        zs = [input_output_at(model_, tok_, block, req.prompt, req.subject)[1] for req in reqs]
+        for req, z in zip(reqs, zs, strict=True):
+            targets[req.subject] = z + scale * z.norm() / z.numel() ** 0.5
+        return torch.stack(zs), torch.stack([targets[req.subject] for req in reqs])
 
-    monkeypatch.setattr(module, "optimize_value", fake_value)
+    monkeypatch.setattr(module, "optimize_values", fake_values)
     return targets
 
 
@@ -203,7 +204,7 @@ def test_kn_changes_only_the_selected_neurons_and_raises_the_target(arch, tok):
     base = snapshot(model)
     spec = get_arch(model)
     before = target_logprob(model, tok, KN_REQ.text, "rome")
-    patch = hep.edit(model, tok, [KN_REQ], method="kn", hparams={"steps": 8}, value_dtype="float32")
+    patch = hep.edit(model, tok, [KN_REQ], method="kn", hparams={"steps": 8}, value_dtype="float32", keep_ratio=None)
     assert_state_equal(model, base)
     neurons = patch.config.editor_hparams["neurons"][0]
     assert neurons and patch.config.editor == "kn"
@@ -288,7 +289,9 @@ def mend_records():
 def mean_post_edit_nll(model, tok, editor, reqs) -> float:
     total = 0.0
     for req in reqs:
-        patch = hep.edit(model, tok, [req], method="mend", hparams={"editor": editor}, value_dtype="float32")
+        patch = hep.edit(
+            model, tok, [req], method="mend", hparams={"editor": editor}, value_dtype="float32", keep_ratio=None
+        )
         pm = hep.PatchedModel.from_pretrained(model, patch)
         total -= target_logprob(pm, tok, req.text, req.target_new)
         pm.unload()

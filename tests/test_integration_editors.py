@@ -90,7 +90,7 @@ def test_memit_batch_of_ten_facts(smol, stats_args):
     capitals = list(CAPITALS.values())
     reqs = [capital_request(c, capitals[(i + 1) % 10]) for i, c in enumerate(CAPITALS)]  # each gets the next one's
     assert all(r.target_new != r.target_true for r in reqs)
-    patch = hep.edit(model, tok, reqs, method="memit", hparams={"mom2_n_samples": 300}, **stats_args)
+    patch = hep.edit(model, tok, reqs, method="memit", hparams={"mom2_n_samples": 300}, keep_ratio=None, **stats_args)
     assert sorted(patch.target_modules) == [f"model.layers.{i}.mlp.down_proj" for i in range(4, 9)]
     pm = hep.PatchedModel.from_pretrained(model, patch)
     wins = sum(succeeds(pm, tok, r.text, r.target_new, r.target_true) for r in reqs)
@@ -123,7 +123,9 @@ def test_alphaedit_batch_lands_and_spares_the_preserved_keys(smol, stats_args, o
     capitals = list(CAPITALS.values())[:4]
     reqs = [capital_request(c, capitals[(i + 1) % 4]) for i, c in enumerate(list(CAPITALS)[:4])]
     hp = {"mom2_n_samples": 300, "n_context_templates": 2}
-    patch = hep.edit(model, tok, reqs, method="alphaedit", hparams=hp, value_dtype="float32", **stats_args)
+    patch = hep.edit(
+        model, tok, reqs, method="alphaedit", hparams=hp, value_dtype="float32", keep_ratio=None, **stats_args
+    )
     assert sorted(patch.target_modules) == [f"model.layers.{i}.mlp.down_proj" for i in range(4, 9)]
     pm = hep.PatchedModel.from_pretrained(model, patch)
     wins = sum(succeeds(pm, tok, r.text, r.target_new, r.target_true) for r in reqs)

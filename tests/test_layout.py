@@ -30,6 +30,10 @@ FORBIDDEN = {
     "batching": UPPER,
     "lazy": UPPER,
     "progress": UPPER,
+    "schema": UPPER,
+    "offload": UPPER,
+    "distributed": UPPER,
+    "counterfactuals": UPPER,
     "kernels": UPPER,
     "modules": UPPER - {"patch"},  # module layouts are the patch format's
     # pure computation: editors return ΔW and touch no file

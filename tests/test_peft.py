@@ -350,7 +350,7 @@ def test_edit_on_a_lora_model_sees_the_adapter_and_targets_the_base_weight(monke
     _, v = module_output_at_subject(inner, tok, name, REQ)  # the LoRA-wrapped module's output: base + LoRA
     target = v + torch.linspace(-1, 1, v.numel())
     monkeypatch.setattr(rome, "optimize_value", lambda *a, **k: (v, target))
-    patch = hep.edit(model, tok, [REQ], method="rome", hparams=FAST, value_dtype="float32")
+    patch = hep.edit(model, tok, [REQ], method="rome", hparams=FAST, value_dtype="float32", keep_ratio=None)
     assert_state_equal(model, before)
     assert patch.target_modules == [name]  # the base model's name, not base_model.model.…
     pm = hep.PatchedModel.from_pretrained(model, patch, strict=True)

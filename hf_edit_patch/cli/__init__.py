@@ -11,7 +11,8 @@ hf-edit-patch stats compute --stats-dataset corpus.txt
 hf-edit-patch stats push user/smollm2-key-stats
 ```
 
-Every subcommand takes `-v` (INFO logging) or `-vv` (DEBUG, and tracebacks on errors). Exit codes: see `EPILOG`.
+Every subcommand takes `-v` (INFO logging) or `-vv` (DEBUG, and tracebacks on errors) and `--no-progress` (no
+progress bars; by default they show on a terminal, on stderr). Exit codes: see `EPILOG`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from collections.abc import Sequence
 
 from ..errors import PatchNotFoundError
 from ..version import __version__
-from . import evaluate, experiment, patches, share
-from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError
+from . import evaluate, experiment, export, patches, share
+from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError, library_bars_off
 
 __all__ = ["EPILOG", "build_parser", "main"]
 
@@ -45,7 +46,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import main
 
     demo_args = args.demo_args[1:] if args.demo_args[:1] == ["--"] else args.demo_args
-    return main(demo_args)
+    try:
+        return main(demo_args, prog="hf-edit-patch demo")
+    except SystemExit as exc:  # its --help, or a usage error its parser has already explained
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "-v", "--verbose", action="count", default=0, help="INFO logging; twice for DEBUG and tracebacks on errors"
     )
+    common.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (default: shown on stderr when it is a terminal; HF_EDIT_PATCH_DISABLE_PROGRESS_BARS=1 "
+        "turns them off too)",
+    )
     patches.add_parsers(sub, common, EPILOG)
+    export.add_parsers(sub, common, EPILOG)
     evaluate.add_parsers(sub, common, EPILOG)
     share.add_parsers(sub, common, EPILOG)
     experiment.add_parsers(sub, common, EPILOG)
@@ -89,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with library_bars_off(getattr(args, "no_progress", False)):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED

@@ -6,9 +6,11 @@ The library is imported inside the functions that need it, so that `hf-edit-patc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 EXIT_OK = 0
@@ -23,6 +25,34 @@ class CLIError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def show_progress(args: argparse.Namespace) -> bool | None:
+    """`show_progress` for the library: False with `--no-progress`, else None (bars on a terminal only)."""
+    return False if getattr(args, "no_progress", False) else None
+
+
+@contextlib.contextmanager
+def library_bars_off(off: bool) -> Iterator[None]:
+    """With `off` (`--no-progress`), also the bars of transformers (loading and writing weights) and of
+    huggingface_hub (downloads) stay hidden while the command runs; they are turned back on after it."""
+    if not off:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    hub_was_on = not hub_utils.are_progress_bars_disabled()
+    transformers_was_on = hf_logging.is_progress_bar_enabled()
+    hub_utils.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hub_was_on:
+            hub_utils.enable_progress_bars()
+        if transformers_was_on:
+            hf_logging.enable_progress_bar()
 
 
 def say(text: str = "") -> None:

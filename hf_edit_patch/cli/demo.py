@@ -7,7 +7,8 @@ that `unload()` restores the base model bit for bit.
 
 ROME needs key statistics (the second moment of the edited layer's inputs over some text). Without a corpus
 (`--stats-dataset`), the demo computes them from text the model samples itself, says so, and caches them, so
-later runs skip that step.
+later runs skip that step. Progress bars for the long steps go to stderr on a terminal (`--no-progress` turns them
+off).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import time
 
 import torch
 
-from ..editing.entry import edit
+from ..editing.entry import DEFAULT_KEEP_RATIO, edit
 from ..hub.default_model import load_default_model
 from ..modules import model_source
 from ..patch.encoding import raw_bytes
 from ..patched_model import PatchedModel
 from ..requests import EditRequest
+from .common import library_bars_off
 
 EIFFEL = EditRequest(
     prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome", target_true="Paris"
@@ -68,11 +70,17 @@ def _show(model, tokenizer, prompts: list[str], label: str) -> None:
         _say(f"    {p!r} -> {continuation(model, tokenizer, p)!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Runs the demo with `argv` (default: `sys.argv[1:]`); `prog` names the command in its usage line."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model id or folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--output-dir", default="out/demo", help="where the patches are saved (default: out/demo)")
-    parser.add_argument("--keep-ratio", type=float, default=0.4, help="RECT keep ratio (default: 0.4)")
+    parser.add_argument(
+        "--keep-ratio",
+        type=float,
+        default=float(DEFAULT_KEEP_RATIO),
+        help=f"RECT keep ratio (default: {float(DEFAULT_KEEP_RATIO)}, as hf_edit_patch.edit)",
+    )
     parser.add_argument(
         "--stats-dataset",
         default=None,
@@ -85,9 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         default=200,
         help="texts for the key statistics (default: 200; ROME's own default is 1000)",
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (default: on a terminal)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with library_bars_off(args.no_progress):
+        return _run(args)
 
+
+def _run(args: argparse.Namespace) -> int:
+    progress = False if args.no_progress else None
     t0 = time.perf_counter()
     model, tokenizer = load_default_model(args.model)
     model_id, revision = model_source(model)
@@ -103,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         "stats_text_field": args.stats_text_field,
         "allow_model_sampled_stats": args.stats_dataset is None,
         "hparams": {"mom2_n_samples": args.stats_samples},
+        "show_progress": progress,
     }
     source = args.stats_dataset or f"{args.stats_samples} texts the model sampled itself (no corpus given)"
     _say(
         f"\n1. ROME edit: {EIFFEL.text!r} -> {EIFFEL.target_new!r}, RECT keeping {args.keep_ratio:.0%} of ΔW.\n"
-        f"   Key statistics from {source}; cached after the first run."
+        f"   Key statistics from {source}.\n"
+        "   The first run computes them (about 1 min on an idle 2-core CPU, up to 20 min on a busy one); later runs\n"
+        "   read them from the cache."
     )
     t1 = time.perf_counter()
     patch = edit(model, tokenizer, [EIFFEL], method="rome", keep_ratio=args.keep_ratio, regularizer="rect", **stats)
@@ -156,4 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m hf_edit_patch.cli.demo"))

@@ -17,6 +17,7 @@ from .common import (
     load_model,
     read_requests,
     say,
+    show_progress,
 )
 
 
@@ -104,6 +105,7 @@ def run_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         strict=args.strict,
         source=args.patch + (f" (subfolder {args.subfolder})" if args.subfolder else ""),
+        show_progress=show_progress(args),
     )
     written = write_evaluation(
         results, output_dir, patch=patch, plots=not args.no_plot, overwrite_card=args.overwrite_card

@@ -23,9 +23,13 @@ from .common import (
     print_json,
     read_requests,
     say,
+    show_progress,
 )
 
-MERGED_RECORD = "hf_edit_patch_merged.json"
+METHODS = ("rome", "memit", "ft", "alphaedit", "kn", "mend")
+"""The editing methods (`hf_edit_patch.editing.METHODS`, kept here so that `--help` does not load torch)."""
+DEFAULT_KEEP_RATIO = 0.4
+"""`hf_edit_patch.editing.DEFAULT_KEEP_RATIO`, for `--help` (a test keeps the two equal)."""
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
@@ -36,7 +40,11 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
         epilog=epilog,
         formatter_class=fmt,
         help="compute an edit and save it as a patch folder",
-        description="Edit a model with ROME, MEMIT or FT and save the update as a patch (the model is not changed).",
+        description="Edit a model with ROME, MEMIT, FT, AlphaEdit, knowledge neurons (KN) or a trained MEND editor "
+        f"and save the update as a patch (the model is not changed). RECT keeps {DEFAULT_KEEP_RATIO:.0%} of ΔW unless "
+        "--keep-ratio or --norm-budget says otherwise, as hf_edit_patch.edit does. Key statistics (ROME, MEMIT, "
+        "AlphaEdit) come from --stats-dataset, the cache, or with --model-sampled-stats from text the model samples "
+        "itself; the first computation takes from about a minute to many minutes on a CPU, with a progress bar.",
     )
     add_model_args(p)
     add_request_args(
@@ -46,15 +54,16 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
     )
     p.add_argument(
         "--method",
-        choices=("rome", "memit", "ft", "alphaedit", "kn", "mend"),
+        choices=METHODS,
         default="rome",
-        help='editing method (default: rome; mend needs --hparams {"editor": PATH})',
+        help=f"editing method: {', '.join(METHODS)} (default: rome; mend needs --hparams '{{\"editor\": PATH}}')",
     )
     p.add_argument(
         "--keep-ratio",
         type=keep_ratio,
-        default=0.4,
-        help="fraction of ΔW the regularizer keeps, 'auto' (the smallest that keeps the edit), or 'none' (0.4)",
+        default=argparse.SUPPRESS,
+        help="fraction of ΔW the regularizer keeps, 'auto' (the smallest that keeps the edit), or 'none' (the whole "
+        f"update) (default: {DEFAULT_KEEP_RATIO}, the same as hf_edit_patch.edit)",
     )
     p.add_argument(
         "--norm-budget",
@@ -66,10 +75,17 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
     p.add_argument(
         "--hparams", default=None, help="method hyperparameters as JSON or @file.json, e.g. '{\"layer\": 5}'"
     )
-    p.add_argument("--stats-dataset", default=None, help="corpus for ROME/MEMIT key statistics (datasets id or file)")
+    p.add_argument(
+        "--stats-dataset",
+        default=None,
+        help="corpus for the key statistics of ROME, MEMIT and AlphaEdit: a local .txt/.json/.jsonl file, or a "
+        "`datasets` id such as wikitext (needs the eval extra and the Hub once)",
+    )
     p.add_argument("--stats-text-field", default="text", help="text field of a JSON corpus (default: text)")
     p.add_argument(
-        "--model-sampled-stats", action="store_true", help="without a corpus: statistics from text the model samples"
+        "--model-sampled-stats",
+        action="store_true",
+        help="without a corpus: statistics from text the model samples itself (offline; recorded as such)",
     )
     p.add_argument("--stats-cache-dir", default=None, help="key statistics cache (default: ~/.cache/hf_edit_patch)")
     p.add_argument("--value-dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
@@ -104,7 +120,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
         epilog=epilog,
         formatter_class=fmt,
         help="show a patch's modules, sizes, encodings and provenance; check fingerprints against a model",
-        description="Show what a patch (or a stack) changes and where it came from. With --model, check that the "
+        description="Show what a patch (or a stack) changes and where it came from; for a stack, also its conflicts "
+        "(facts edited twice, contradicting requests, entries several patches change). With --model, check that the "
         "model's weights are those the patch was computed on (exit 1 when they differ).",
     )
     p.add_argument("patch", metavar="PATCH", help="a patch folder or Hub id")
@@ -119,28 +136,34 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
 # ---------------------------------------------------------------------------------------------------------- edit
 def run_edit(args: argparse.Namespace) -> int:
     from ..editing.entry import edit
+    from ..hub.corpora import CLI_OPTION_NAMES, corpus_option_names
     from ..hub.stats_cache import StatsCache
 
     requests = read_requests(args, required=True)
     hparams = json_object(args.hparams, "--hparams")
     if os.path.isfile(args.output_dir):
         raise CLIError(f"--output-dir {args.output_dir!r} is a file; give a folder")
+    budget = {"keep_ratio": args.keep_ratio} if hasattr(args, "keep_ratio") else {}  # else edit()'s default
+    if budget and args.norm_budget is not None:
+        raise CLIError("give --keep-ratio or --norm-budget, not both")
     model, tokenizer = load_model(args)
-    patch = edit(
-        model,
-        tokenizer,
-        requests,
-        method=args.method,
-        keep_ratio=None if args.norm_budget is not None else args.keep_ratio,
-        norm_budget=args.norm_budget,
-        regularizer=args.regularizer,
-        hparams=hparams or None,
-        stats_dataset=args.stats_dataset,
-        stats_text_field=args.stats_text_field,
-        allow_model_sampled_stats=args.model_sampled_stats,
-        stats_cache=StatsCache(args.stats_cache_dir) if args.stats_cache_dir else None,
-        value_dtype=args.value_dtype,
-    )
+    with corpus_option_names(CLI_OPTION_NAMES):  # errors about the corpus name this command's flags
+        patch = edit(
+            model,
+            tokenizer,
+            requests,
+            method=args.method,
+            **budget,
+            norm_budget=args.norm_budget,
+            regularizer=args.regularizer,
+            hparams=hparams or None,
+            stats_dataset=args.stats_dataset,
+            stats_text_field=args.stats_text_field,
+            allow_model_sampled_stats=args.model_sampled_stats,
+            stats_cache=StatsCache(args.stats_cache_dir) if args.stats_cache_dir else None,
+            value_dtype=args.value_dtype,
+            show_progress=show_progress(args),
+        )
     patch.save_pretrained(args.output_dir, license=args.license, overwrite_card=args.overwrite_card)
     numel = sum(d.numel for d in patch.deltas.values())
     say(
@@ -157,7 +180,36 @@ def _patch_name(source: str, taken: list[str], index: int) -> str:
     return name if name and name not in taken else f"patch{index}"
 
 
+def read_patches(sources: list[str], hub_options: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """`(name, source, EditPatch)` for every patch of `sources` (patches or saved stacks), in order, read and
+    validated (format, content hash) before any model is loaded; a missing or malformed patch fails here."""
+    from ..errors import PatchNotFoundError
+    from ..hub.resolve import resolve_file
+    from ..patch.config import CONFIG_NAME, STACK_NAME, read_stack
+    from ..patch.edit_patch import EditPatch
+
+    options = dict(hub_options)
+    sub = options.pop("subfolder", None)
+    found: list[tuple[str, str, Any]] = []
+    for index, source in enumerate(sources):
+        taken = [name for name, _, _ in found]
+        if resolve_file(source, CONFIG_NAME, subfolder=sub, missing_ok=True, **options) is not None:
+            found.append((_patch_name(source, taken, index), source, EditPatch.from_pretrained(source, **hub_options)))
+            continue
+        stack = resolve_file(source, STACK_NAME, subfolder=sub, missing_ok=True, **options)
+        if stack is None:
+            where = repr(source) + (f" (subfolder {sub!r})" if sub else "")
+            raise PatchNotFoundError(f"{where} has neither {CONFIG_NAME} (a patch) nor {STACK_NAME} (a stack)")
+        for name in read_stack(stack):
+            patch = EditPatch.from_pretrained(source, subfolder=f"{sub}/{name}" if sub else name, **options)
+            found.append((name if name not in taken else f"patch{index}_{name}", source, patch))
+            taken.append(found[-1][0])
+    return found
+
+
 def run_apply(args: argparse.Namespace) -> int:
+    from ..hub.files import apply_default_mode
+    from ..interop.export_record import merged_record, write_merged_record
     from ..modules import SOURCE_ATTRIBUTE
     from ..patched_model import PatchedModel
     from .demo import continuation
@@ -166,16 +218,13 @@ def run_apply(args: argparse.Namespace) -> int:
         raise CLIError("nothing to do: give --output-dir (save the merged model) and/or --prompt (generate)")
     if args.output_dir and os.path.isfile(args.output_dir):
         raise CLIError(f"--output-dir {args.output_dir!r} is a file; give a folder")
+    patches = read_patches(args.patches, hub_kwargs(args))  # before the model: a bad patch fails in a second
     model, tokenizer = load_model(args)
+    # the base model (id, revision, GGUF-converted or not) and every patch in order, as `export` records them
+    record = merged_record(model, {name: patch for name, _, patch in patches}, sources={n: s for n, s, _ in patches})
     pm = PatchedModel(model)
-    sources = []
-    for index, source in enumerate(args.patches):
-        before = pm.active_patches
-        PatchedModel.from_pretrained(
-            pm, source, patch_name=_patch_name(source, before, index), strict=args.strict, **hub_kwargs(args)
-        )
-        for name in pm.active_patches[len(before) :]:
-            sources.append({"name": name, "source": source, "content_hash": pm.patches[name].config.content_hash})
+    for name, _, patch in patches:
+        pm.add_patch(patch, name, strict=args.strict)
     say(f"Attached {len(pm.active_patches)} patch(es): {', '.join(pm.active_patches)}")
     for prompt in args.prompt:
         with pm.disable_patches():
@@ -188,8 +237,8 @@ def run_apply(args: argparse.Namespace) -> int:
             delattr(merged.config, SOURCE_ATTRIBUTE)
         merged.save_pretrained(args.output_dir)
         tokenizer.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, MERGED_RECORD), "w", encoding="utf-8") as f:
-            json.dump({"base_model": args.model, "patches": sources}, f, indent=2)
+        write_merged_record(args.output_dir, record)
+        apply_default_mode(args.output_dir)  # safetensors writes 0o600 files; a model folder is for sharing
         say(f"Saved the merged model to {args.output_dir}")
     else:
         pm.unload()
@@ -291,10 +340,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     from ..errors import PatchNotFoundError
     from ..hub.resolve import resolve_file
     from ..patch.config import CONFIG_NAME, STACK_NAME, read_stack
+    from ..patch.conflicts import find_conflicts
     from ..patch.edit_patch import EditPatch
 
     kwargs = hub_kwargs(args)
     sub = kwargs.pop("subfolder")
+    names = None
     if resolve_file(args.patch, CONFIG_NAME, subfolder=sub, missing_ok=True, **kwargs) is not None:
         subfolders = [sub]
     else:
@@ -305,6 +356,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         subfolders = [f"{sub}/{n}" if sub else n for n in names]
     patches = [(s, EditPatch.from_pretrained(args.patch, subfolder=s, **kwargs)) for s in subfolders]
     infos = [_describe(p, args.patch, s) for s, p in patches]
+    conflicts = find_conflicts([(n, p) for n, (_, p) in zip(names, patches, strict=True)]) if names else None
     failed = 0
     if args.model is not None:
         args.model = None if args.model == "default" else args.model
@@ -313,12 +365,14 @@ def run_inspect(args: argparse.Namespace) -> int:
             info["fingerprint_check"] = _check(patch, model)
             failed += sum(c["status"] not in ("match", "unknown") for c in info["fingerprint_check"])
     if args.json:
-        print_json(infos if len(infos) > 1 else infos[0])
+        print_json(infos[0] if conflicts is None else {"patches": infos, "conflicts": conflicts.to_dict()})
     else:
         for info in infos:
             _print_patch(info)
             for c in info.get("fingerprint_check", []):
                 say(f"  fingerprint {c['module']}: {c['status']}" + (f" ({c['detail']})" if c["detail"] else ""))
+        if conflicts is not None:
+            say(f"Stack of {conflicts}")
     if failed:
         say(f"Fingerprint check failed: {failed} module(s) differ from the weights the patch was computed on")
         return EXIT_FAILURE

@@ -7,7 +7,15 @@
 """
 
 from .auto import AUTO_KEEP_RATIOS
-from .entry import edit, regularize_update
+from .entry import DEFAULT_KEEP_RATIO, edit, regularize_update
 from .update import METHODS, EditUpdate, compute_update
 
-__all__ = ["AUTO_KEEP_RATIOS", "METHODS", "EditUpdate", "compute_update", "edit", "regularize_update"]
+__all__ = [
+    "AUTO_KEEP_RATIOS",
+    "DEFAULT_KEEP_RATIO",
+    "METHODS",
+    "EditUpdate",
+    "compute_update",
+    "edit",
+    "regularize_update",
+]

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..editors.registry import EditorInputs, EditorNeeds
+from ..hub.corpora import TextSource
 from ..hub.mend import load_mend_editor
 from ..requests import EditRequest
 from .statistics import get_second_moments, null_space_projections
@@ -35,8 +36,14 @@ class StatsOptions:
     cache: Any = None
 
     def source(self) -> str:
-        """How the patch records the statistics' source."""
-        return str(self.stats_dataset) if self.stats_dataset is not None else "model-sampled text"
+        """How the patch records the statistics' source: a local file by its name and content hash
+        (`file:corpus.jsonl@sha256:...`), a dataset by id, configuration and split, never a local path."""
+        if self.stats_dataset is None:
+            return "model-sampled text"
+        source = self.stats_dataset
+        if not isinstance(source, TextSource):
+            source = TextSource(source, text_field=self.text_field)
+        return source.fingerprint()
 
 
 def parent_requests(model: nn.Module) -> list[EditRequest]:

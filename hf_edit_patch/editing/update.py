@@ -22,6 +22,7 @@ from torch import nn
 
 from ..editors.architectures import get_arch
 from ..editors.registry import get_editor, registered_editors
+from ..hub.corpora import EDIT_OPTION_NAMES, corpus_option_names
 from ..modules import unwrap_peft
 from ..requests import as_requests
 from .inputs import StatsOptions, provide_inputs
@@ -81,11 +82,13 @@ def compute_update(
     base.eval()
     try:
         needs = editor.needs(base, hp, spec)
-        inputs = provide_inputs(needs, model, base, tokenizer, stats, show_progress=show_progress)
+        with corpus_option_names(EDIT_OPTION_NAMES):  # errors name edit()'s options, or the CLI's flags
+            inputs = provide_inputs(needs, model, base, tokenizer, stats, show_progress=show_progress)
+            record_source = stats.source() if needs.statistics is not None else None
         output = editor.compute(base, tokenizer, reqs, hp, spec, inputs, show_progress=show_progress)
     finally:
         base.train(was_training)
     record = {**hp.to_dict(), **output.record}
-    if needs.statistics is not None:
-        record["stats_dataset"] = stats.source()
+    if record_source is not None:
+        record["stats_dataset"] = record_source
     return EditUpdate(method, output.deltas, reqs, record)

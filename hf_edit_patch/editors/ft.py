@@ -11,9 +11,9 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..batching import model_device, pad_batch, pad_id, target_token_ids
+from ..progress import progress_bar
 from ..requests import EditRequest
 from .arch_spec import ArchSpec
 from .hooks import applying, frozen_weights
@@ -57,7 +57,7 @@ def ft_deltas(
 
     optimizer = torch.optim.Adam([delta], lr=hp.lr)
     with frozen_weights(model):
-        for _ in tqdm(range(hp.num_steps), desc="FT", leave=False, disable=show_progress is False or None):
+        for _ in progress_bar(range(hp.num_steps), desc="FT", unit="step", leave=False, show_progress=show_progress):
             optimizer.zero_grad()
             with applying(model, {name: add}):
                 logp = torch.log_softmax(

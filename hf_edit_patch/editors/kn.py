@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..batching import head_only_at, model_device, target_token_ids
 from ..modules import weight_layout
+from ..progress import progress_bar
 from ..requests import EditRequest
 from .arch_spec import ArchSpec
 from .hooks import btd, frozen_weights
@@ -154,7 +154,7 @@ def kn_deltas(
     deltas: dict[str, torch.Tensor] = {}
     record: list[list[list[Any]]] = []
     device = model_device(model)
-    for req in tqdm(requests, desc="KN", unit="edit", disable=show_progress is False or len(requests) < 2):
+    for req in progress_bar(requests, desc="KN", unit="edit", show_progress=show_progress, min_items=2):
         new_id = target_token_ids(tokenizer, req.target_new)[0]
         if req.target_true:
             old_id = target_token_ids(tokenizer, req.target_true)[0]

@@ -18,8 +18,8 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from ..requests import EditRequest
 from .arch_spec import ArchSpec
 from .hooks import Edits, compose, rank_one_edit
@@ -61,7 +61,7 @@ def rome_deltas(
     c = (second_moments or {}).get(name) if hp.mom2_adjustment else None
     outs, ins = [], []
     edits: Edits = {}
-    for req in tqdm(requests, desc="ROME", unit="edit", disable=show_progress is False or len(requests) < 2):
+    for req in progress_bar(requests, desc="ROME", unit="edit", show_progress=show_progress, min_items=2):
         left = solve_left(c, subject_key(model, tokenizer, name, req, contexts))
         _, v_star = optimize_value(model, tokenizer, req, name, contexts, hp, edits=edits, desc=repr(req.target_new))
         cur_in, cur_out = input_output_at(model, tokenizer, name, req.prompt, req.subject, edits)

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..batching import model_device, pad_id
 from ..errors import StatsError
+from ..progress import progress_bar
 
 __all__ = ["DEFAULT_PROMPTS", "model_sampled_texts"]
 
@@ -39,7 +39,7 @@ def model_sampled_texts(
     prompts: Sequence[str] | None = None,
     top_k: int = 50,
     batch_size: int = 64,
-    show_progress: bool = True,
+    show_progress: bool | None = None,
 ) -> list[str]:
     """
     `n` texts sampled from the model itself (top-k sampling), for computing statistics without any corpus.
@@ -59,7 +59,8 @@ def model_sampled_texts(
         top_k (`int`, *optional*, defaults to 50): sample among the `top_k` most likely tokens (temperature 1).
         batch_size (`int`, *optional*, defaults to 64): sequences sampled at once (texts whose prompts tokenize
             to the same length share a batch).
-        show_progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+        show_progress (`bool`, *optional*): show a progress bar (`None`: on a terminal only; see
+            `hf_edit_patch.progress`).
 
     Returns:
         `list[str]`: the texts (prompt included, special tokens removed).
@@ -92,7 +93,7 @@ def model_sampled_texts(
         with (
             torch.random.fork_rng(devices=fork_devices),
             torch.no_grad(),
-            tqdm(total=n, desc="Sampling texts", unit="text", disable=not show_progress) as bar,
+            progress_bar(total=n, desc="Sampling texts", unit="text", show_progress=show_progress) as bar,
         ):
             torch.manual_seed(seed)
             encoded = [tokenizer(prompt, return_tensors="pt")["input_ids"][0] for prompt in prompts]

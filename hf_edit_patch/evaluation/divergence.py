@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..batching import model_device, pad_batch, pad_id
+from ..progress import progress_bar
 from .checks import check_int
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def drift(
     *,
     batch_size: int = 8,
     max_length: int = 128,
+    show_progress: bool | None = None,
 ) -> dict[str, float | int]:
     """Mean next-token KL(p_base || p_edited) and the perplexity change of an edited model on `texts`.
 
@@ -109,6 +110,7 @@ def drift(
         texts: the texts to measure on (non-empty); texts of fewer than two tokens contribute nothing.
         batch_size: texts per forward pass.
         max_length: tokens per text after truncation (>= 2).
+        show_progress: a progress bar over batches (None: on a terminal only, from two batches on).
 
     Returns:
         `{"kl": float, "ppl_base": float, "ppl_edited": float, "ppl_change": float, "n_tokens": int}`:
@@ -144,7 +146,7 @@ def drift(
     n_tokens = 0
     starts = range(0, len(texts), batch_size)
     with torch.no_grad():
-        for start in tqdm(starts, desc="Drift", unit="batch", disable=None):
+        for start in progress_bar(starts, desc="Drift", unit="batch", show_progress=show_progress, min_items=2):
             input_ids, mask = _encode(tokenizer, texts[start : start + batch_size], max_length, pad)
             valid = mask[:, 1:].bool()  # position t predicts token t + 1 (right padding: t itself is real too)
             if not bool(valid.any()):

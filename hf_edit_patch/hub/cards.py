@@ -28,16 +28,18 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..version import __version__
+from .default_model import GGUF_REVISION_PREFIX, gguf_weights_note
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..patch.edit_patch import EditPatch
 
-__all__ = ["LIBRARY_NAME", "evaluation_card", "evaluation_results", "patch_card", "patch_tags"]
+__all__ = ["LIBRARY_NAME", "evaluation_card", "evaluation_results", "patch_card", "patch_tags", "stack_card"]
 
 LIBRARY_NAME = "hf-edit-patch"
 PATCH_TEMPLATE = "patch_card.md"
+STACK_TEMPLATE = "stack_card.md"
 EVALUATION_TEMPLATE = "evaluation_card.md"
 MAX_EDIT_ROWS = 50
 # Licenses of base models whose terms are known here (the embedded default model); others are left to the user.
@@ -89,7 +91,7 @@ def patch_tags(patch: EditPatch) -> list[str]:
 
 def _base_snippet(base: str, revision: str | None) -> tuple[list[str], str]:
     """Import lines and the line that loads the base model the fingerprints were taken on."""
-    if revision and revision.startswith("gguf:"):  # weights converted from a GGUF file by load_default_model
+    if revision and revision.startswith(GGUF_REVISION_PREFIX):  # weights converted by load_default_model
         return ["from hf_edit_patch import PatchedModel, load_default_model"], (
             f'base, tokenizer = load_default_model("{base}")  # the weights the patch was computed on'
         )
@@ -134,8 +136,28 @@ def _editor_summary(patch: EditPatch) -> str:
     elif hp.get("layer") is not None:
         parts.append(f"layer {hp['layer']}")
     if hp.get("stats_dataset"):
-        parts.append(f"key statistics from {hp['stats_dataset']}")
+        parts.append(f"key statistics from {corpus_label(str(hp['stats_dataset']))}")
     return ", ".join(parts)
+
+
+def corpus_label(source: str) -> str:
+    """A statistics corpus as a card shows it: a local file by name and the start of its content hash (never a
+    local path), a dataset by id.
+
+    Example:
+        ```python
+        >>> corpus_label("file:boolq_dev.jsonl@sha256:6e3c9a0b1f2d4c5e")
+        '`boolq_dev.jsonl` (sha256:6e3c9a0b1f2d…)'
+        ```
+    """
+    if source.startswith("file:") and "@" in source:
+        name, _, digest = source.removeprefix("file:").rpartition("@")
+        return f"`{name}` ({digest[:19]}…)" if len(digest) > 19 else f"`{name}` ({digest})"
+    if source.startswith("hf-dataset:"):
+        return f"the dataset `{source.removeprefix('hf-dataset:')}`"
+    if os.path.isabs(source) or source.startswith(("./", "../", "~")):  # recorded by an older version
+        return f"`{os.path.basename(source)}`"
+    return source
 
 
 def patch_card(
@@ -196,8 +218,10 @@ def patch_card(
         ]
         reg = ", ".join([cfg.regularizer, *settings])
     base_name = cfg.base_model_name_or_path or "an unnamed model"
+    converted = gguf_weights_note(cfg.base_model_revision)
     facts = [
         ("base model", f"`{base_name}`" + (f" (revision `{rev}`)" if (rev := cfg.base_model_revision) else "")),
+        *([("base weights", f"{converted}, not the original weights of `{base_name}`")] if converted else []),
         ("editor", _editor_summary(patch)),
         ("regularizer", reg),
         ("modules", len(cfg.modules)),
@@ -228,7 +252,7 @@ def patch_card(
         summary=(
             f"A knowledge edit ({what}) of `{base_name}` as a small, exactly removable patch made with "
             f"[hf_edit_patch](https://pypi.org/project/hf-edit-patch/): a sparse ΔW for {matrices}, attached to the "
-            "base model like a PEFT adapter."
+            "base model like a PEFT adapter." + (f" It was computed on weights {converted}." if converted else "")
         ),
         facts=facts,
         edits=edits,
@@ -238,6 +262,72 @@ def patch_card(
         usage_cli=usage_cli,
         evaluation=eval_text,
         unregularized=cfg.regularizer is None,
+        converted=converted,
+        base_name=base_name,
+    )
+
+
+def stack_card(
+    patches: Sequence[tuple[str, EditPatch]], *, repo_id: str | None = None, license: str | None = None
+) -> ModelCard:
+    """The README.md of a stack of patches (a series): one card listing every patch and every edit, in order.
+
+    Metadata as for a patch (`base_model` when all patches share one Hub id; tags with every editor and regularizer,
+    and `patch-series`); the body tables the patches and every edit, with snippets that load the series and append.
+
+    Example:
+        ```python
+        >>> stack_card(list(pm.patches.items()), repo_id="user/series").data.tags[:2]
+        ['hf-edit-patch', 'model-editing']
+        ```
+    """
+    bases = {p.config.base_model_name_or_path for _, p in patches}
+    base = next(iter(bases)) if len(bases) == 1 else None
+    tags = [LIBRARY_NAME, "model-editing", "knowledge-editing", "patch-series"]
+    tags += list(dict.fromkeys(t for _, p in patches for t in patch_tags(p) if t not in tags))
+    base_id = hub_model_id(base)
+    data = ModelCardData(library_name=LIBRARY_NAME, base_model=base_id, tags=tags,
+                         license=license or KNOWN_LICENSES.get(base_id or ""),
+                         base_model_relation="adapter" if base_id else None)  # fmt: skip
+    rows, edits = [], []
+    for i, (name, p) in enumerate(patches, 1):
+        cfg = p.config
+        reg = [f"{cfg.regularizer} {cfg.keep_ratio or ''}".strip()] if cfg.regularizer else []
+        if cfg.stack_regularizer:
+            reg.append("stack " + " ".join(f"{v}" for v in cfg.stack_regularizer.values()))
+        reg += [f"consolidates {', '.join(c.get('name', '?') for c in cfg.consolidates)}"] if cfg.consolidates else []
+        short = (cfg.content_hash or "–")[:19]
+        rows.append((i, f"`{name}`", _cell(cfg.editor), _cell("; ".join(reg) or "none"), len(cfg.requests),
+                     f"{p.nnz:,}", f"`{short}…`"))  # fmt: skip
+        for req in cfg.requests:
+            subject = str(req.get("subject", ""))
+            prompt = str(req.get("prompt", "{}")).replace("{}", f"**{subject}**" if subject else "{}")
+            edits.append((len(edits) + 1, f"`{name}`", _cell(prompt), _cell(req.get("target_new")),
+                          _cell(req.get("target_true"))))  # fmt: skip
+    shown, repo = base or "several base models", repo_id or "path/or/repo-id"
+    imports, load = _base_snippet(
+        base or "<base model>", patches[0][1].config.base_model_revision if patches else None
+    )
+    attach = f'model = PatchedModel.from_pretrained(base, "{repo}")'
+    append = f'model.push_to_hub("{repo}", append=True)  # one commit: the new patch, the manifest, this card'
+    facts = [("base model", f"`{shown}`"), ("patches", len(patches)), ("edits", len(edits)),
+             ("changed entries (sum over patches)", f"{sum(p.nnz for _, p in patches):,}"),
+             ("stored size", _size(sum(p.nbytes() for _, p in patches))),
+             ("written by", f"hf_edit_patch {__version__}")]  # fmt: skip
+    return ModelCard.from_template(
+        data,
+        template_str=_template(STACK_TEMPLATE),
+        title=f"Edit patch series for {shown}",
+        summary=f"{len(edits)} knowledge edit{'s' if len(edits) != 1 else ''} of `{shown}` in {len(patches)} "
+        "patches, stacked in order: small, exactly removable sparse ΔW made with "
+        "[hf_edit_patch](https://pypi.org/project/hf-edit-patch/), attached to the base model like PEFT adapters.",
+        facts=facts,
+        patches=rows,
+        edits=edits,
+        usage_python="```python\n" + "\n".join([*imports, "", load, attach, "print(model.active_patches)"]) + "\n```",
+        usage_append="```python\n"
+        + "\n".join([attach, 'model.edit(tokenizer, [request], method="rome")', append])
+        + "\n```",
     )
 
 

@@ -5,7 +5,10 @@ A corpus ([`TextSource`], [`load_texts`]) is a local `.txt` file (one text per l
 or a Hugging Face `datasets` id (`"wikitext"` is short for `Salesforce/wikitext`, config `wikitext-103-raw-v1`, as in
 ROME). The first `sample_count` non-blank texts are used, in file order; shuffle the file beforehand for a random
 sample. A [`TextSource`] also says how it enters a statistics cache key ([`TextSource.fingerprint`]): a local file by
-its content hash, so that an edited file gets new statistics.
+its name and content hash, so that an edited file gets new statistics and no local path is ever recorded.
+
+Error messages name the options of the function the user called ([`OptionNames`]): `text_field=` for the functions
+here, `stats_text_field=` for `hf_edit_patch.edit`, `--stats-text-field` on the command line.
 
 Example:
     ```python
@@ -16,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import itertools
 import json
@@ -27,11 +32,109 @@ from typing import Any
 from ..errors import StatsError, StatsFormatError, StatsUnavailableError
 from .files import file_sha256
 
-__all__ = ["DATASET_ALIASES", "TEXT_SUFFIXES", "TextSource", "load_texts"]
+__all__ = [
+    "CLI_OPTION_NAMES",
+    "DATASET_ALIASES",
+    "EDIT_OPTION_NAMES",
+    "FUNCTION_OPTION_NAMES",
+    "TEXT_SUFFIXES",
+    "OptionNames",
+    "TextSource",
+    "corpus_option_names",
+    "current_option_names",
+    "load_texts",
+]
 
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
 DATASET_ALIASES = {"wikitext": ("Salesforce/wikitext", "wikitext-103-raw-v1")}
 """Short names of Hugging Face datasets: name -> (dataset id, config)."""
+DATASETS_INSTALL_HINT = "pip install datasets (or the eval extra: pip install 'hf-edit-patch[eval]')"
+
+
+@dataclass(frozen=True)
+class OptionNames:
+    """
+    How the function a user called names the corpus options, so that an error says what to pass to *it*.
+
+    Args:
+        dataset: the corpus option (`stats_dataset`, `--stats-dataset`).
+        text_field: the text-field option (`text_field`, `stats_text_field`, `--stats-text-field`).
+        model_sampled: the switch for statistics from model-sampled text (`allow_model_sampled`, ...).
+        flags: command-line flags (`--name VALUE`) instead of Python keywords (`name=VALUE`).
+
+    Example:
+
+    ```python
+    >>> from hf_edit_patch.hub.corpora import EDIT_OPTION_NAMES
+    >>> EDIT_OPTION_NAMES.setting("text_field", "passage")
+    "stats_text_field='passage'"
+    ```
+    """
+
+    dataset: str = "stats_dataset"
+    text_field: str = "text_field"
+    model_sampled: str = "allow_model_sampled"
+    flags: bool = False
+
+    def setting(self, option: str, value: Any = True) -> str:
+        """`option` (`"dataset"`, `"text_field"` or `"model_sampled"`) set to `value`, as the user would write it."""
+        name = getattr(self, option)
+        if self.flags:
+            return name if value is True else f"{name} {value}"
+        return f"{name}={value!r}"
+
+    def settings(self, *pairs: tuple[str, Any]) -> str:
+        """Several settings together, as they are written in a call (`a=1, b=2`) or on a command line (`--a 1 --b 2`).
+
+        Example:
+
+        ```python
+        >>> from hf_edit_patch.hub.corpora import CLI_OPTION_NAMES
+        >>> CLI_OPTION_NAMES.settings(("dataset", "corpus.jsonl"), ("text_field", "passage"))
+        '--stats-dataset corpus.jsonl --stats-text-field passage'
+        ```
+        """
+        return (" " if self.flags else ", ").join(self.setting(option, value) for option, value in pairs)
+
+
+FUNCTION_OPTION_NAMES = OptionNames()
+"""The names of `get_second_moments`, `TextSource` and `load_texts`."""
+EDIT_OPTION_NAMES = OptionNames("stats_dataset", "stats_text_field", "allow_model_sampled_stats")
+"""The names of `hf_edit_patch.edit`, `compute_update` and `PatchedModel.edit`."""
+CLI_OPTION_NAMES = OptionNames("--stats-dataset", "--stats-text-field", "--model-sampled-stats", flags=True)
+"""The flags of `hf-edit-patch edit` and `hf-edit-patch stats compute`."""
+
+_OPTION_NAMES: contextvars.ContextVar[OptionNames | None] = contextvars.ContextVar(
+    "hf_edit_patch_corpus_option_names", default=None
+)
+
+
+def current_option_names() -> OptionNames:
+    """The option names error messages use now: those of the outermost [`corpus_option_names`] block, if any."""
+    return _OPTION_NAMES.get() or FUNCTION_OPTION_NAMES
+
+
+@contextlib.contextmanager
+def corpus_option_names(names: OptionNames) -> Iterator[OptionNames]:
+    """
+    Inside this block, corpus errors name the options as `names` does, unless an outer block already chose names
+    (the outermost caller, the one the user called, wins).
+
+    Example:
+
+    ```python
+    >>> from hf_edit_patch.hub.corpora import CLI_OPTION_NAMES, corpus_option_names, current_option_names
+    >>> with corpus_option_names(CLI_OPTION_NAMES):
+    ...     current_option_names().setting("text_field", "passage")
+    '--stats-text-field passage'
+    ```
+    """
+    token = _OPTION_NAMES.set(names) if _OPTION_NAMES.get() is None else None
+    try:
+        yield current_option_names()
+    finally:
+        if token is not None:
+            _OPTION_NAMES.reset(token)
 
 
 @dataclass(frozen=True)
@@ -136,8 +239,8 @@ class TextSource:
     def _check_file(self) -> None:
         if not os.path.isfile(self.dataset):
             raise StatsUnavailableError(
-                f"the corpus file {self.dataset} does not exist; accepted corpora: a local "
-                f"{'/'.join(TEXT_SUFFIXES)} file or a Hugging Face dataset id"
+                f"the corpus file {self.dataset} does not exist; accepted corpora ({current_option_names().dataset}): "
+                f"a local {'/'.join(TEXT_SUFFIXES)} file or a Hugging Face dataset id"
             )
 
     def _iter_file(self) -> Iterator[str]:
@@ -174,7 +277,8 @@ class TextSource:
         if isinstance(item, dict):
             if self.text_field not in item:
                 raise StatsFormatError(
-                    f"{where} has no field {self.text_field!r} (fields: {sorted(item)}); pass text_field=..."
+                    f"{where} has no field {self.text_field!r} (fields: {sorted(item)}); pass "
+                    f"{current_option_names().setting('text_field', _example_field(item))}"
                 )
             value = item[self.text_field]
             if value is None:
@@ -185,16 +289,18 @@ class TextSource:
         raise StatsFormatError(f"{where} is a {type(item).__name__}; accepted: a string or an object")
 
     def _iter_dataset(self) -> Iterator[str]:
+        names = current_option_names()
         hint = (
-            f"or use a local {'/'.join(TEXT_SUFFIXES)} file (stats_dataset='corpus.jsonl', text_field=...), or "
-            "allow_model_sampled=True for statistics from text the model samples itself"
+            f"or use a local {'/'.join(TEXT_SUFFIXES)} file "
+            f"({names.settings(('dataset', 'corpus.jsonl'), ('text_field', 'text'))}), or "
+            f"{names.setting('model_sampled')} for statistics from text the model samples itself"
         )
         try:
             import datasets
         except ImportError as exc:
             raise StatsUnavailableError(
                 f"{self.dataset!r} is not a local file, and loading it as a Hugging Face dataset needs the `datasets` "
-                f"package, which is not installed: pip install datasets, {hint}"
+                f"package, which is not installed: {DATASETS_INSTALL_HINT}, {hint}"
             ) from exc
         try:
             data = datasets.load_dataset(self.dataset, self.config, split=self.split)
@@ -206,10 +312,19 @@ class TextSource:
         if self.text_field not in data.column_names:
             raise StatsFormatError(
                 f"the dataset {self.dataset!r} has no column {self.text_field!r} (columns: {data.column_names}); "
-                "pass text_field=..."
+                f"pass {current_option_names().setting('text_field', _example_field(data.column_names))}"
             )
         for index, row in enumerate(data.select_columns([self.text_field])):
             yield self._text_of(row, f"{self.dataset!r}, row {index}")
+
+
+def _example_field(fields: Any) -> str:
+    """A field worth suggesting: the first one holding text by its name, else the first one."""
+    names = [str(f) for f in fields]
+    for name in names:
+        if any(word in name.lower() for word in ("text", "passage", "content", "document", "sentence")):
+            return name
+    return names[0] if names else "text"
 
 
 def _looks_local(dataset: str) -> bool:

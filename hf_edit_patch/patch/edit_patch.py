@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..errors import PatchError, PatchFormatError
 from ..hub.cards import card_with_marker, keeps_existing_card, patch_card
@@ -35,6 +34,7 @@ from ..hub.push import PushOptions, push_folder
 from ..hub.resolve import resolve_file
 from ..interop import peft as shira
 from ..modules import model_source, resolve_weight, unwrap_peft
+from ..progress import progress_bar
 from . import encoding as storage
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModuleRecord, PatchConfig
 from .sparse import SparseDelta
@@ -172,8 +172,9 @@ class EditPatch:
         model_id, revision = model_source(model)
         records: dict[str, ModuleRecord] = {}
         sparse: dict[str, SparseDelta] = {}
-        quiet = len(deltas) < 8 if show_progress is None else not show_progress
-        items = tqdm(deltas.items(), desc="Sparsifying ΔW", unit="module", disable=quiet)
+        items = progress_bar(
+            deltas.items(), desc="Sparsifying ΔW", unit="module", show_progress=show_progress, min_items=8
+        )
         for name, delta in items:
             _, weight, layout = resolve_weight(model, name)
             dense = _as_dense(delta, name).detach()

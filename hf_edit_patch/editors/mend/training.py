@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...batching import model_device, pad_batch, pad_id
 from ...modules import model_source, unwrap_peft
+from ...progress import progress_bar
 from ...requests import EditRequest
 from ..architectures import get_arch
 from ..hooks import frozen_weights
@@ -145,18 +145,18 @@ def train(
         torch.manual_seed(seed)
         editor = MendEditor(config).to(device)
     editor.check(base)
-    quiet = show_progress is False
     was_training = base.training
     base.eval()
     try:
         # input statistics: the (u, δ) of every training edit, measured once (MEND accumulates them online)
-        for req in tqdm(reqs, desc="MEND statistics", unit="record", disable=quiet or None, leave=False):
+        for req in progress_bar(reqs, desc="MEND statistics", unit="record", show_progress=show_progress, leave=False):
             grads, _ = edit_gradients(base, tokenizer, [req], modules)
             for i, name in enumerate(modules):
                 editor.update_statistics(i, *grads[name])
         history = _optimize(
-            base, tokenizer, reqs, editor, max_steps, lr, lr_lr, batch_size, seed, c_edit, c_loc, grad_clip, quiet
-        )
+            base, tokenizer, reqs, editor, max_steps, lr, lr_lr, batch_size, seed, c_edit, c_loc, grad_clip,
+            show_progress,
+        )  # fmt: skip
     finally:
         base.train(was_training)
     editor.config.training = {
@@ -188,7 +188,7 @@ def _optimize(
     c_edit: float,
     c_loc: float,
     grad_clip: float,
-    quiet: bool,
+    show_progress: bool | None,
 ) -> dict[str, Any]:
     if max_steps == 0:
         return {}
@@ -205,7 +205,7 @@ def _optimize(
     if not any(locality):
         logger.warning("MEND training without any locality prompt: the locality loss is off")
     editor.train()
-    bar = tqdm(range(max_steps), desc="Training MEND", unit="step", disable=quiet or None)
+    bar = progress_bar(range(max_steps), desc="Training MEND", unit="step", show_progress=show_progress)
     edit_loss = loc_loss = torch.zeros(())
     for _ in bar:
         picked = rng.sample(range(n), min(batch_size, n))
