@@ -1,10 +1,12 @@
 """Benchmark RECT selection and the sparse add against baselines measured in the same run.
 
-First table, by kind of update: for each matrix shape, keep ratio and kind of ΔW that editors produce (rank-one
-u·vᵀ as ROME returns, rank-32 as MEMIT's batched update, dense as fine-tuning), the seed (NumPy `abs(divide)` +
-`argpartition`, then ΔW's values at the kept positions) against `hep.rect_sparsify`, timed alternately (median of
-`--repeats` each) with their ratio; with `--load N`, the same again while N busy processes, started and stopped by
-this script, load the cores.
+First table, by kind of update: for each matrix shape (`--kind-sizes`: SmolLM2's MLP matrices and a 7B model's),
+keep ratio, dtype and kind of ΔW that editors produce (rank-one u·vᵀ as ROME returns, rank-32 as MEMIT's batched
+update, dense as fine-tuning), the seed (NumPy `abs(divide)` + `argpartition`, then ΔW's values at the kept
+positions; 16-bit inputs are widened to float32 first, inside the timed call, since NumPy has no bfloat16 and would
+rank float16 ratios rounded to float16) against `hep.rect_sparsify`, timed alternately (median of `--repeats` each,
+four times as many below 2^22 entries) with their ratio; with `--load N`, the same again while N busy processes,
+started and stopped by this script, load the cores.
 
 Second table, on a random dense ΔW: the seed, `torch.topk`, a `torch.kthvalue` threshold, our reference path and,
 on CUDA, the Triton kernels, with the speedup of each against the seed. On CUDA the achieved bandwidth is reported
@@ -13,7 +15,8 @@ value and weight entry, write the weight entry and the saved original).
 
 Example:
     ```bash
-    python scripts/bench_kernels.py --device cpu --sizes 576x1536,4096x11008 --keep 0.4 --load 1
+    python scripts/bench_kernels.py --device cpu --keep 0.1,0.2,0.4 --dtypes float32,float16,bfloat16 --load 1
+    python scripts/bench_kernels.py --kind-sizes 576x1536 --skip-methods   # the first table, small matrices only
     python scripts/bench_kernels.py --device cuda --sizes 4096x11008 --keep 0.4
     ```
 """
@@ -66,7 +69,12 @@ def seed_numpy(delta: torch.Tensor, weight: torch.Tensor, k: int) -> np.ndarray:
 
 
 def seed_numpy_values(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The seed returning what a patch stores: the kept positions (in argpartition's order) and ΔW's values there."""
+    """The seed returning what a patch stores: the kept positions (in argpartition's order) and ΔW's values there.
+
+    16-bit inputs are widened to float32 first (NumPy has no bfloat16), and the values are taken from the widened ΔW.
+    """
+    if delta.dtype != torch.float32 or weight.dtype != torch.float32:
+        delta, weight = delta.float(), weight.float()
     idx = seed_numpy(delta, weight, k)
     return idx, np.take(delta.cpu().numpy().reshape(-1), idx)
 
@@ -117,8 +125,10 @@ DELTA_KINDS = ("rank1", "lowrank", "dense")
 LOW_RANK = 32  # MEMIT spreads a batch over one layer's keys: a rank of about the batch size
 
 
-def kind_inputs(shape, kind: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """W like a trained weight and a ΔW of the given kind, about 1% of W's scale.
+def kind_inputs(
+    shape, kind: str, device: str, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W like a trained weight and a ΔW of the given kind, about 1% of W's scale, in `dtype`.
 
     rank1: u·vᵀ (ROME); lowrank: U·Vᵀ with `LOW_RANK` columns (MEMIT); dense: i.i.d. Gaussian (fine-tuning).
     """
@@ -131,7 +141,7 @@ def kind_inputs(shape, kind: str, device: str) -> tuple[torch.Tensor, torch.Tens
         rank = 1 if kind == "rank1" else LOW_RANK
         delta = torch.randn(rows, rank, generator=gen) @ torch.randn(rank, cols, generator=gen) / math.sqrt(rank)
     delta *= 2e-4 / float(delta.std())
-    return delta.to(device), weight.to(device)
+    return delta.to(device=device, dtype=dtype), weight.to(device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -150,10 +160,12 @@ def background_load(processes: int, seconds: float):
             proc.wait()
 
 
-def bench_kinds(shape, keep, kind, device, repeats, load: int) -> dict:
+def bench_kinds(shape, keep, kind, device, repeats, load: int, dtype: torch.dtype = torch.float32) -> dict:
     """Seed and `rect_sparsify`, timed alternately after a warm-up each; their selections are checked equal."""
-    delta, weight = kind_inputs(shape, kind, device)
+    delta, weight = kind_inputs(shape, kind, device, dtype)
     k = keep_count(keep, delta.numel())
+    if delta.numel() < 1 << 22:
+        repeats *= 4
     runs = {
         "seed": lambda: seed_numpy_values(delta, weight, k),
         "rect_sparsify": lambda: rect_sparsify(delta, weight, keep),
@@ -163,7 +175,7 @@ def bench_kinds(shape, keep, kind, device, repeats, load: int) -> dict:
     if ours.nnz == k and not np.array_equal(np.sort(seed_idx), ours.flat_indices.cpu().numpy()):
         # the seed's ties are arbitrary: compare the kept scores instead of the positions
         with np.errstate(divide="ignore", invalid="ignore"):
-            score = np.abs(delta.cpu().numpy() / weight.cpu().numpy()).ravel()
+            score = np.abs(delta.float().cpu().numpy() / weight.float().cpu().numpy()).ravel()
         if not np.array_equal(np.sort(score[seed_idx]), np.sort(score[ours.flat_indices.cpu().numpy()])):
             raise SystemExit(f"{kind} {shape}: rect_sparsify keeps other scores than the seed")
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -178,18 +190,19 @@ def bench_kinds(shape, keep, kind, device, repeats, load: int) -> dict:
         "shape": f"{shape[0]}x{shape[1]}",
         "keep": keep,
         "kind": kind,
+        "dtype": str(dtype).removeprefix("torch."),
         "load": load,
         **{name: statistics.median(t) for name, t in times.items()},
     }
 
 
 def print_kinds_table(rows: list[dict]) -> None:
-    print("| shape | keep | ΔW | busy processes | seed (ms) | rect_sparsify (ms) | speedup |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | keep | ΔW | dtype | busy processes | seed (ms) | rect_sparsify (ms) | speedup |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['shape']} | {r['keep']} | {r['kind']} | {r['load']} | {r['seed'] * 1e3:.1f} | "
-            f"{r['rect_sparsify'] * 1e3:.1f} | {r['seed'] / r['rect_sparsify']:.2f}x |"
+            f"| {r['shape']} | {r['keep']} | {r['kind']} | {r['dtype']} | {r['load']} | {r['seed'] * 1e3:.2f} | "
+            f"{r['rect_sparsify'] * 1e3:.2f} | {r['seed'] / r['rect_sparsify']:.2f}x |"
         )
 
 
@@ -321,8 +334,12 @@ def print_table(rows: list[dict], device: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--sizes", default="576x1536,1600x6400,4096x11008")
-    parser.add_argument("--keep", default="0.2,0.4", help="comma-separated keep ratios")
+    parser.add_argument("--sizes", default="576x1536,1600x6400,4096x11008", help="shapes of the second table")
+    parser.add_argument(
+        "--kind-sizes", default="576x1536,1536x576,4096x11008,11008x4096", help="shapes of the first table"
+    )
+    parser.add_argument("--dtypes", default="float32", help="dtypes of ΔW and W in the first table")
+    parser.add_argument("--keep", default="0.1,0.2,0.4", help="comma-separated keep ratios")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
     parser.add_argument("--skip-sparse-add", action="store_true")
@@ -360,20 +377,33 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(kinds) - set(DELTA_KINDS)):
         raise SystemExit(f"--kinds: unknown kinds {unknown}, expected some of {DELTA_KINDS}")
     if kinds:
+        kind_sizes = [tuple(int(x) for x in s.split("x")) for s in args.kind_sizes.split(",")]
+        dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
         kind_rows = []
         for load in sorted({0, args.load}):
-            with background_load(load, seconds=600):
-                for shape in sizes:
+            with background_load(load, seconds=3600):
+                for shape, dtype in itertools.product(kind_sizes, dtypes):
                     for keep, kind in itertools.product(keeps, kinds):
-                        kind_rows.append(bench_kinds(shape, keep, kind, args.device, args.repeats, load))
+                        row = bench_kinds(shape, keep, kind, args.device, args.repeats, load, dtype)
+                        kind_rows.append(row)
+                        print(
+                            f"  {row['shape']} keep {keep} {kind} {row['dtype']} load {load}: "
+                            f"{row['seed'] / row['rect_sparsify']:.2f}x",
+                            file=sys.stderr,
+                            flush=True,
+                        )
         print("By kind of ΔW (seed: argpartition of |ΔW/W| + values; timed alternately, medians):\n")
         print_kinds_table(kind_rows)
-        worst = min(kind_rows, key=lambda r: r["seed"] / r["rect_sparsify"])
-        print(
-            f"\nTarget: rect_sparsify >= 3x the seed on every kind: worst "
-            f"{worst['seed'] / worst['rect_sparsify']:.2f}x ({worst['shape']}, keep {worst['keep']}, "
-            f"{worst['kind']}, {worst['load']} busy processes)\n"
-        )
+        for load in sorted({0, args.load}):
+            rows_at = [r for r in kind_rows if r["load"] == load]
+            worst = min(rows_at, key=lambda r: r["seed"] / r["rect_sparsify"])
+            print(
+                f"\nTarget: rect_sparsify >= 3x the seed on every kind, {load} busy processes: worst "
+                f"{worst['seed'] / worst['rect_sparsify']:.2f}x ({worst['shape']}, keep {worst['keep']}, "
+                f"{worst['kind']}, {worst['dtype']}); median "
+                f"{statistics.median(r['seed'] / r['rect_sparsify'] for r in rows_at):.2f}x"
+            )
+        print()
     if args.skip_methods:
         return 0
     print("Speedup column: time of the first row of each group (the seed, or index_put_) / this row's time.\n")

@@ -12,13 +12,18 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
 import importlib.util
 import sys
+import threading
+import time
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from hf_edit_patch.kernels import rect_select as rs  # noqa: E402
+from hf_edit_patch.kernels import rect_select_reference as ref_module  # noqa: E402
+from hf_edit_patch.kernels.cpu_parallel import Claims  # noqa: E402
 from hf_edit_patch.kernels.rect_select import (  # noqa: E402
     rect_select,
     rect_select_bytes,
@@ -43,13 +48,24 @@ K_FRACTIONS = {"k=1": None, "k=5%": 0.05, "k=40%": 0.4, "k=n": 1.0}
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def oracle(delta: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The definition: keys of |ΔW / W| in float32 (NaN → -1), the k largest by a stable sort, indices sorted."""
+def oracle_order(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Flat positions from the largest key to the smallest, equal keys by position (a stable sort).
+
+    Keys are the bits of |ΔW / W| in float32, NaN → -1."""
     ratio = delta.to(torch.float32) / weight.to(torch.float32)
     keys = ratio.view(torch.int32) & 0x7FFFFFFF
     keys = torch.where(torch.isnan(ratio), torch.full_like(keys, -1), keys).flatten().to(torch.int64)
-    order = torch.sort(-keys, stable=True).indices[:k]  # equal keys: the lower flat index first
-    flat = torch.sort(order).values
+    # equal keys: the lower flat index first (NumPy's stable sort: several times faster than torch's on CPU)
+    return torch.from_numpy(np.argsort(-keys.numpy(), kind="stable"))
+
+
+def oracle(
+    delta: torch.Tensor, weight: torch.Tensor, k: int, order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition: the k largest keys by a stable sort (`oracle_order`, or `order` computed by it), indices
+    sorted."""
+    order = oracle_order(delta, weight) if order is None else order
+    flat = torch.from_numpy(np.sort(order[:k].numpy()))
     return flat, delta.flatten()[flat]
 
 
@@ -369,3 +385,268 @@ def test_agrees_with_rect_sparsify(dtype):
 def test_bytes_floor():
     assert rect_select_bytes(1000, 400, torch.float32, torch.float32) == 1000 * 8 + 400 * (8 + 4)
     assert rect_select_bytes(1000, 1, torch.bfloat16, torch.float32) == 1000 * 6 + 1 * (8 + 2)
+
+
+# ----------------------------------------------------------------------------------------------- CPU reference paths
+
+
+def structured_inputs(shape, dtype, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW = U·Vᵀ of the given rank (0: dense) over W with exact zeros, and ΔW exactly zero on whole rows.
+
+    Zeros in W give +inf ratios (ΔW != 0) and 0/0 (ΔW == 0 too); zero rows of U tie every entry of the row at 0;
+    a quantized third of W and of V makes many ratios repeat exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = shape
+    weight = torch.randn(shape, generator=gen) * 0.02
+    weight = torch.where(
+        torch.rand(shape, generator=gen) < 0.3, torch.randint(1, 3, shape, generator=gen) * 0.01, weight
+    )
+    weight[torch.rand(shape, generator=gen) < 0.02] = 0.0
+    if rank == 0:
+        delta = torch.randn(shape, generator=gen)
+    else:
+        u = torch.randn(rows, rank, generator=gen) * (torch.rand(rows, 1, generator=gen) < 0.8)
+        v = torch.randn(rank, cols, generator=gen)
+        v = torch.where(
+            torch.rand(rank, cols, generator=gen) < 0.3, torch.randint(-2, 3, (rank, cols), generator=gen) * 0.5, v
+        )
+        delta = u @ v
+    return (delta * 1e-3).to(dtype), weight.to(dtype)
+
+
+# sizes around the thresholds of the CPU reference: the exact partition up to _PARTITION_MAX entries, one thread up
+# to _SINGLE_THREAD_MAX, blocks shared by threads above it
+THRESHOLD_SHAPES = {
+    "partition": (256, 256),  # 2^16 entries
+    "sampled, one thread": (257, 256),  # just over 2^16
+    "sampled, two threads": (2049, 1024),  # just over 2^21
+}
+SMALL_THRESHOLDS = {"_PARTITION_MAX": 1 << 12, "_SINGLE_THREAD_MAX": 1 << 15, "_BLOCK": 1 << 12}
+SMALL_SHAPES = {"partition": (64, 64), "sampled, one thread": (65, 64), "sampled, two threads": (129, 257)}
+RANKS = {"rank_one": 1, "rank_32": 32, "dense": 0}
+
+
+def check_path(path: str, shape, rank: int, dtype: torch.dtype) -> None:
+    n = shape[0] * shape[1]
+    assert (n <= ref_module._PARTITION_MAX) == (path == "partition")
+    assert (n > ref_module._SINGLE_THREAD_MAX) == (path == "sampled, two threads")
+    delta, weight = structured_inputs(shape, dtype, rank, seed=rank)
+    order = oracle_order(delta, weight)
+    for keep in (0.1, 0.2, 0.4, 0.9):
+        k = k_for(n, keep)
+        want = oracle(delta, weight, k, order)
+        assert_same_selection(ref_module.rect_select_reference(delta, weight, k), want, f"{path} {dtype} keep={keep}")
+
+
+@pytest.mark.parametrize("rank", list(RANKS))
+@pytest.mark.parametrize("path", list(THRESHOLD_SHAPES))
+def test_reference_paths_at_their_thresholds(monkeypatch, path, rank):
+    """Each CPU path keeps exactly the oracle's entries on the updates editors produce, with ties and zeros, at
+    the sizes where it starts."""
+    monkeypatch.setattr(ref_module, "_threads", lambda n_blocks: 2 if path == "sampled, two threads" else 1)
+    check_path(path, THRESHOLD_SHAPES[path], RANKS[rank], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("rank", list(RANKS))
+@pytest.mark.parametrize("path", list(SMALL_SHAPES))
+def test_reference_paths_with_every_dtype(monkeypatch, path, rank, dtype):
+    """The same on small matrices, with the thresholds and the block scaled down."""
+    for name, value in SMALL_THRESHOLDS.items():
+        monkeypatch.setattr(ref_module, name, value)
+    monkeypatch.setattr(ref_module, "_threads", lambda n_blocks: 2 if path == "sampled, two threads" else 1)
+    check_path(path, SMALL_SHAPES[path], RANKS[rank], dtype)
+
+
+def test_threads_follow_the_size_threshold():
+    small = -(-ref_module._SINGLE_THREAD_MAX // ref_module._BLOCK)
+    assert ref_module._threads(small) == 1
+    assert ref_module._threads(small + 1) == min(torch.get_num_threads(), small + 1)
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "sea_of_ties"])
+def test_a_stalled_thread_is_not_waited_for_and_never_writes_late(monkeypatch, ties):
+    """A worker that stalls while it holds a block: the calling thread computes that block again and returns. The
+    worker wakes up in the middle of a second selection, between its two passes, which reuses the mask the worker
+    would write: its stale results are dropped, and neither selection changes."""
+    monkeypatch.setattr(ref_module, "_BLOCK", 1 << 12)
+    monkeypatch.setattr(ref_module, "_threads", lambda n_blocks: 2)
+    caller = threading.get_ident()
+    release, stalled, resumed = threading.Event(), threading.Event(), threading.Event()
+    scan, run_pass = ref_module._Band.scan, ref_module._run
+    passes = []
+
+    def stalling_scan(self, i, scratch):
+        if threading.get_ident() == caller:
+            stalled.wait(30)  # let the worker take a block first
+        elif not stalled.is_set():
+            stalled.set()
+            release.wait(30)
+            scan(self, i, scratch)
+            resumed.set()
+            return
+        scan(self, i, scratch)
+
+    def parallel(*args, **kwargs):
+        run_pass(*args, **kwargs)
+        passes.append(args[0])
+        if len(passes) == 3:  # the second selection's first pass is done: wake the worker up now
+            release.set()
+            assert resumed.wait(30)  # set once its stale copy has tried to write
+
+    monkeypatch.setattr(ref_module._Band, "scan", stalling_scan)
+    monkeypatch.setattr(ref_module, "_run", parallel)
+    if ties:
+        delta, weight = mixed_inputs((300, 701), torch.float32, seed=21)
+        delta[::3] = 0.0  # a third of the rows tie at key 0
+    else:
+        delta, weight = structured_inputs((300, 701), torch.float32, rank=1, seed=21)
+    k = k_for(delta.numel(), 0.8 if ties else 0.4)  # with ties: the threshold is the tied key 0
+    first = ref_module.rect_select_reference(delta, weight, k)
+    assert stalled.is_set(), "no worker thread took a block"
+    assert not resumed.is_set(), "the calling thread waited for the stalled worker"
+    kept = (first[0].clone(), first[1].clone())
+    other_delta, other_weight = structured_inputs((300, 701), torch.float32, rank=0, seed=22)
+    second = ref_module.rect_select_reference(other_delta, other_weight, k)
+    assert len(passes) == 4 and resumed.is_set()
+    assert_same_selection(first, oracle(delta, weight, k), "first selection")
+    assert torch.equal(first[0], kept[0]) and torch.equal(first[1], kept[1]), "a late worker wrote into the result"
+    assert_same_selection(second, oracle(other_delta, other_weight, k), "second selection")
+
+
+def test_claims_hand_out_items_once_keep_the_first_write_and_find_overdue_items():
+    claims = Claims(3)
+    assert [claims.take(), claims.take()] == [0, 1]
+    claims.slowest = 10.0
+    late, wait = claims.overdue()
+    assert late == [] and 0 < wait <= 1.0 and not claims.wait(0)
+    written = []
+    claims.commit(1, written.append, "first")
+    claims.commit(1, written.append, "late copy")
+    assert written == ["first"]
+    claims.slowest = 0.0
+    time.sleep(0.001)
+    assert claims.overdue()[0] == [0], "an item held longer than twice the slowest one is overdue"
+    with pytest.raises(RuntimeError):
+        claims.commit(0, lambda: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert claims.overdue()[0] == [0], "a failed write leaves its item for another thread"
+    claims.commit(0, written.append, "retry")
+    assert claims.take() == 2 and claims.take() is None
+    claims.commit(2, written.append, "last")
+    assert claims.wait(0) and written == ["first", "retry", "last"]
+
+
+def test_sample_size_and_band_limits():
+    from hf_edit_patch.kernels.topk import band_limits, sample_size
+
+    assert sample_size(100) == 100 and sample_size(1 << 16) == 1 << 12 and sample_size(884_736) == 13_824
+    assert sample_size(45_088_768) == 1 << 18
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randint(0, 1 << 30, (20_000,), generator=gen).numpy().astype("int32")
+    for q in (0.001, 0.1, 0.4, 0.999):
+        k = max(1, round(q * 1_000_000))
+        lo, hi = band_limits(keys, 1_000_000, k)
+        ordered = sorted(keys.tolist(), reverse=True)
+        rank = k / 1_000_000 * keys.size
+        assert lo <= hi
+        assert sum(key > hi for key in ordered) <= rank <= sum(key >= lo for key in ordered)
+
+
+NON_FINITE = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+
+
+@pytest.mark.parametrize("bad", list(NON_FINITE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("path", list(SMALL_SHAPES))
+def test_check_finite_finds_one_bad_entry_on_every_path(monkeypatch, path, dtype, bad):
+    for name, value in SMALL_THRESHOLDS.items():
+        monkeypatch.setattr(ref_module, name, value)
+    monkeypatch.setattr(ref_module, "_threads", lambda n_blocks: 2 if path == "sampled, two threads" else 1)
+    delta, weight = structured_inputs(SMALL_SHAPES[path], dtype, rank=1)
+    k = k_for(delta.numel(), 0.4)
+    assert_same_selection(
+        ref_module.rect_select_reference(delta, weight, k, check_finite=True), oracle(delta, weight, k), path
+    )
+    delta.view(-1)[delta.numel() * 2 // 3] = NON_FINITE[bad]  # in a later block: found while scanning
+    with pytest.raises(ref_module.NonFiniteDeltaError, match="non-finite"):
+        ref_module.rect_select_reference(delta, weight, k, check_finite=True)
+    with pytest.raises(ref_module.NonFiniteDeltaError):
+        ref_module.rect_select_reference(delta, weight, delta.numel(), check_finite=True)  # everything kept
+    after = structured_inputs(SMALL_SHAPES[path], dtype, rank=0, seed=3)  # the buffers stay usable
+    assert_same_selection(ref_module.rect_select_reference(*after, k), oracle(*after, k), f"{path} after an error")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", list(SMALL_SHAPES))
+def test_drop_zeros_leaves_out_exactly_the_zero_values(monkeypatch, path, dtype):
+    """Zeros are kept only when the threshold reaches key 0; `drop_zeros` leaves those out, ±0 alike."""
+    for name, value in SMALL_THRESHOLDS.items():
+        monkeypatch.setattr(ref_module, name, value)
+    monkeypatch.setattr(ref_module, "_threads", lambda n_blocks: 2 if path == "sampled, two threads" else 1)
+    delta, weight = structured_inputs(SMALL_SHAPES[path], dtype, rank=1)  # a fifth of the rows of ΔW are zero
+    delta[1::10] = -0.0
+    n = delta.numel()
+    order = oracle_order(delta, weight)
+    for keep in (0.4, 0.9, 1.0):
+        k = k_for(n, keep)
+        flat, values = oracle(delta, weight, k, order)
+        nonzero = values != 0
+        assert keep < 0.5 or not bool(nonzero.all()), "the case must keep some zeros"
+        got = ref_module.rect_select_reference(delta, weight, k, drop_zeros=True)
+        assert_same_selection(got, (flat[nonzero], values[nonzero]), f"{path} keep={keep}")
+
+
+def test_a_closed_run_writes_nothing_more():
+    claims = Claims(2)
+    assert claims.take() == 0
+    written = []
+    claims.close()
+    claims.commit(0, written.append, "late")
+    assert written == [] and not claims.wait(0)
+
+
+def test_rect_sparsify_reports_non_finite_entries_through_the_fused_check(monkeypatch):
+    from hf_edit_patch.regularizers.matrix import rect_sparsify
+
+    monkeypatch.setenv("HF_EDIT_PATCH_KERNELS", "reference")
+    delta, weight = structured_inputs((257, 256), torch.float32, rank=1)
+    delta[200, 3], delta[250, 7] = float("nan"), float("-inf")
+    with pytest.raises(ValueError, match=r"up_proj: ΔW has non-finite entries \(2 of them\)"):
+        rect_sparsify(delta, weight, 0.4, name="up_proj")
+
+
+def test_concurrent_callers_each_get_their_own_exact_selection(monkeypatch):
+    """Selections started at once from several threads share the worker pool and the per-thread buffers: each
+    returns exactly what it returns alone, on the multi-threaded path with every kind of update."""
+    for name, value in SMALL_THRESHOLDS.items():
+        monkeypatch.setattr(ref_module, name, value)
+    monkeypatch.setattr(ref_module, "_threads", lambda n_blocks: 3)
+    shape = SMALL_SHAPES["sampled, two threads"]
+    n = shape[0] * shape[1]
+    cases = [
+        (*structured_inputs(shape, torch.float32, rank, seed=seed), k_for(n, keep))
+        for seed, (rank, keep) in enumerate([(1, 0.4), (32, 0.1), (0, 0.2), (1, 0.9), (0, 0.4), (32, 0.4)])
+    ]
+    alone = [ref_module.rect_select_reference(d, w, k) for d, w, k in cases]
+    results: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(cases))
+
+    def call(i: int) -> None:
+        try:
+            start.wait()
+            for repeat in range(5):
+                results[i, repeat] = ref_module.rect_select_reference(*cases[i])
+        except BaseException as exc:  # surfaced below: a failure in a thread must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (i, repeat), (flat, values) in results.items():
+        assert torch.equal(flat, alone[i][0]), (i, repeat)
+        assert torch.equal(values, alone[i][1]), (i, repeat)
+    assert len(results) == 5 * len(cases)

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from ..errors import PatchError
+from ..kernels.dispatch import use_triton
 from ..kernels.rect_select import rect_select
+from ..kernels.rect_select_reference import NonFiniteDeltaError, all_finite, rect_select_reference
 from ..kernels.topk import rect_keys, top_k_positions
 from ..patch.sparse import SparseDelta
 from ..patch.sparsifiers import register_sparsifier
@@ -55,29 +57,48 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
+_INT_VIEWS = {2: (np.int16, np.uint16), 4: (np.int32, np.uint32), 8: (np.int64, np.uint64)}
+_CHUNK_BYTES = 1 << 19  # a chunk read twice stays in L2, so a large array is read from memory once
+
+
+def _chunks(view: np.ndarray):
+    step = max(1, _CHUNK_BYTES // view.itemsize)
+    return (view[start : start + step] for start in range(0, view.size, step))
+
+
 def _all_finite(delta: torch.Tensor) -> bool:
     view = _numpy_view(delta)
     if view is None:
-        # a sum is finite iff every entry is (or it overflowed: then look at every entry)
-        return math.isfinite(float(delta.sum(dtype=torch.float32))) or bool(torch.isfinite(delta).all())
-    if view.dtype == np.int16:  # bfloat16: finite iff the exponent bits are not all ones
-        return not bool(np.any(np.bitwise_and(view, 0x7F80) == 0x7F80))
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = np.add.reduce(view, dtype=np.float64 if view.dtype == np.float64 else np.float32)
-        return math.isfinite(float(total)) or bool(np.isfinite(view).all())
+        return bool(torch.isfinite(delta).all())
+    if delta.dtype == torch.bfloat16:
+        view = view.view(np.uint16)  # `all_finite` reads bfloat16 as its unsigned bits
+    return all(all_finite(chunk) for chunk in _chunks(view))
 
 
-def _check_delta(delta: torch.Tensor, name: str) -> torch.Tensor:
+def _non_finite(delta: torch.Tensor, name: str) -> PatchError:
+    return PatchError(f"{name}: ΔW has non-finite entries ({int((~torch.isfinite(delta)).sum())} of them)")
+
+
+def _check_delta(delta: torch.Tensor, name: str, *, finite: bool = True) -> torch.Tensor:
+    """Type and shape, and, with `finite`, every entry finite."""
     if not isinstance(delta, torch.Tensor) or delta.dim() != 2 or not delta.dtype.is_floating_point:
         raise PatchError(f"{name}: ΔW must be a 2-D floating tensor, got {getattr(delta, 'shape', type(delta))}")
-    if not _all_finite(delta):
-        raise PatchError(f"{name}: ΔW has non-finite entries ({int((~torch.isfinite(delta)).sum())} of them)")
+    if finite and not _all_finite(delta):
+        raise _non_finite(delta, name)
     return delta
 
 
 def _nonneg_float_keys(scores: torch.Tensor) -> torch.Tensor:
     """int32 keys ordered like non-negative float32 scores (IEEE bits of x >= 0 are monotone in x)."""
     return scores.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+
+
+def _has_zero(view: np.ndarray) -> bool:
+    """Whether a float array holds ±0, from two integer minima of its bits: +0 is the smallest unsigned integer and
+    -0 the smallest signed one (about 8x faster than NumPy's float count_nonzero)."""
+    signed, unsigned = _INT_VIEWS[view.itemsize]
+    smallest = np.iinfo(signed).min
+    return any(chunk.view(unsigned).min() == 0 or chunk.view(signed).min() == smallest for chunk in _chunks(view))
 
 
 def _kept(flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> SparseDelta:
@@ -87,12 +108,11 @@ def _kept(flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> S
         if int(torch.count_nonzero(values)) < values.numel():  # a reduction without a mask: the common case is fast
             nonzero = values != 0
             flat, values = flat[nonzero], values[nonzero]
-    else:
+    elif _has_zero(view):
         if view.dtype == np.int16:  # bfloat16 bits: ±0 is zero
             view = np.bitwise_and(view, 0x7FFF)
-        if np.count_nonzero(view) < view.size:
-            nonzero = torch.from_numpy(view != 0)
-            flat, values = flat[nonzero], values[nonzero]
+        nonzero = torch.from_numpy(view != 0)
+        flat, values = flat[nonzero], values[nonzero]
     return SparseDelta._trusted(flat, values, shape)  # positions sorted, unique and in range by construction
 
 
@@ -151,21 +171,28 @@ def rect_sparsify(
         512
         ```
     """
-    _check_delta(delta, name)
+    delta = _check_delta(delta, name, finite=False).detach()
     if not isinstance(weight, torch.Tensor) or weight.shape != delta.shape:
         raise PatchError(
             f"{name}: weight shape {list(getattr(weight, 'shape', []))} does not match ΔW shape {list(delta.shape)}"
         )
+    weight = weight.detach().to(delta.device)
     if norm_budget is not None:
         if keep_ratio is not None:
             raise PatchError(f"{name}: give keep_ratio or norm_budget, not both")
-        k = norm_budget_count(delta.detach(), weight.detach().to(delta.device), norm_budget)
+        k = norm_budget_count(_check_delta(delta, name), weight, norm_budget)
     elif keep_ratio is None:
         raise PatchError(f"{name}: RECT needs a keep_ratio in (0, 1] or a norm_budget in (0, 1]")
     else:
         k = keep_count(keep_ratio, delta.numel())
-    flat, values = rect_select(delta.detach(), weight.detach().to(delta.device), k)
-    return _kept(flat, values, tuple(delta.shape))
+    if use_triton(delta, weight):
+        flat, values = rect_select(_check_delta(delta, name), weight, k)
+        return _kept(flat, values, tuple(delta.shape))
+    try:  # the reference checks ΔW and drops zeros as it reads them: no separate pass over ΔW or the kept values
+        flat, values = rect_select_reference(delta, weight, k, check_finite=True, drop_zeros=True)
+    except NonFiniteDeltaError as exc:
+        raise _non_finite(delta, name) from exc
+    return SparseDelta._trusted(flat, values, tuple(delta.shape))  # sorted, unique, in range, nonzero
 
 
 def random_sparsify(
