@@ -235,7 +235,12 @@ def run_stats_pull(args: argparse.Namespace) -> int:
 
     cache = _cache(args)
     entries = load_stats_from_hub(
-        args.repo_id, revision=args.revision, token=args.token, cache=cache, local_files_only=args.local_files_only
+        args.repo_id,
+        revision=args.revision,
+        token=args.token,
+        cache=cache,
+        local_files_only=args.local_files_only,
+        show_progress=show_progress(args),
     )
     say(f"Loaded {len(entries)} statistics file(s) from {args.repo_id} into {cache.cache_dir}")
     return EXIT_OK

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import StatsError, StatsFormatError, StatsUnavailableError
+from ..progress import progress_bar
 from ..schema import Int, List, Object, Str, read_json, validate
 from . import resolve as hub
 from .files import atomic_write, file_sha256
@@ -207,6 +207,7 @@ def load_stats_from_hub(
     token: str | bool | None = None,
     cache: StatsCache | None = None,
     local_files_only: bool = False,
+    show_progress: bool | None = None,
 ) -> list[StatsEntry]:
     """
     Downloads the statistics listed in a Hub repo's `index.json` (or a local folder's) into the cache.
@@ -221,6 +222,7 @@ def load_stats_from_hub(
         token (`str` or `bool`, *optional*): the Hub token.
         cache (`StatsCache`, *optional*): where to store them; defaults to `StatsCache()`.
         local_files_only (`bool`, *optional*, defaults to `False`): use only the huggingface_hub cache.
+        show_progress (`bool`, *optional*): a bar per file; `None` shows it on a terminal only.
 
     Returns:
         `list[StatsEntry]`: the stored entries.
@@ -242,7 +244,8 @@ def load_stats_from_hub(
     options = {"revision": revision, "token": token, "local_files_only": local_files_only}
     index_path = hub.resolve_file(repo_id, INDEX_FILENAME, **options)
     loaded: list[tuple[StatsKey, torch.Tensor, int]] = []
-    for item in tqdm(_parse_index(index_path), desc="Loading key statistics", unit="file"):
+    items = _parse_index(index_path)
+    for item in progress_bar(items, desc="Loading key statistics", unit="file", show_progress=show_progress):
         key = StatsKey.from_dict(item["key"])
         path = hub.resolve_file(repo_id, item["filename"], **options)
         if file_sha256(path) != item["sha256"]:
