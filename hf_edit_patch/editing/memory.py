@@ -15,8 +15,9 @@ What an edit holds besides the model, and where:
 - **offload copies**: when the edited layers are offloaded to disk, attaching the patch keeps one copy of each edited
   weight in CPU memory (`hf_edit_patch.offload`).
 
-Activations (the value optimization's batch of prompts, backpropagated through the blocks above the edited layer, one
-block at a time with `checkpoint_blocks=True`) come on top and depend on the prompts, not on the config.
+Activations (the value optimization's prompts, from each subject's last token on, backpropagated through the blocks
+from the edited layer up, in chunks of at most `v_batch_tokens` prompt tokens) come on top and depend on the prompts,
+not on the config.
 
 Example:
     ```python

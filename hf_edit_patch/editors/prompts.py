@@ -11,18 +11,21 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from ..batching import model_device, pad_batch, pad_id, target_token_ids
 from ..requests import EditRequest
 from .hooks import Edits, applying, btd
-from .tracing import Trace
+from .tracing import Trace, TraceDict
 
 __all__ = [
     "context_templates",
     "input_output_at",
     "keys_at",
+    "subject_activations",
     "subject_key",
     "subject_last_index",
     "target_logprob",
@@ -98,6 +101,73 @@ def subject_key(
     in every context (`[d_in]` float32)."""
     prompts = [c.format(request.prompt) for c in contexts]
     return keys_at(model, tokenizer, module, prompts, request.subject, edits).mean(0)
+
+
+def subject_activations(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    *,
+    keys: Sequence[str] = (),
+    outputs: Sequence[str] = (),
+    edits: Edits | None = None,
+    batch_tokens: int = 4096,
+) -> dict[str, torch.Tensor]:
+    """`subject_key` and the output of `input_output_at` for many requests and modules, in batched forward passes.
+
+    For each module in `keys`: its input at the subject's last token averaged over the request's prompt in every
+    context, `[len(requests), d_in]`. For each module in `outputs`: its output at the subject's last token of the
+    bare prompt, `[len(requests), d_out]`. All float32; prompts are batched in chunks of about `batch_tokens`
+    tokens, and each pass stops after the last module it traces.
+
+    Example:
+        ```python
+        >>> acts = subject_activations(model, tokenizer, requests, contexts,  # doctest: +SKIP
+        ...                            keys=["model.layers.4.mlp.down_proj"], outputs=["model.layers.8"])
+        >>> acts["model.layers.4.mlp.down_proj"].shape, acts["model.layers.8"].shape  # doctest: +SKIP
+        (torch.Size([100, 1536]), torch.Size([100, 576]))
+        ```
+    """
+    if not requests:
+        raise ValueError("subject_activations needs at least one request, got none")
+    names = list(dict.fromkeys([*keys, *outputs]))
+    if not names:
+        return {}
+    templates = list(contexts) if "{}" in contexts else [*contexts, "{}"]
+    bare = templates.index("{}")
+    n_ctx = len(contexts)
+    rows, index = [], []  # one row per (request, template), request-major
+    for request in requests:
+        for t in templates:
+            prompt = t.format(request.prompt)
+            rows.append(tokenizer(prompt.format(request.subject)).input_ids)
+            index.append(subject_last_index(tokenizer, prompt, request.subject))
+    device = model_device(model)
+    sums = {name: [] for name in keys}
+    outs = {name: [] for name in outputs}
+    per_request = len(templates)
+    step = max(1, batch_tokens // max(1, max(len(r) for r in rows) * per_request)) * per_request
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        batch = pad_batch(chunk, pad_id(tokenizer), device)
+        with (
+            torch.no_grad(),
+            applying(model, edits or {}),
+            TraceDict(model, names, retain_input=bool(keys), stop=True) as traces,
+        ):
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        at_rows = torch.arange(len(chunk), device=device)
+        at_cols = torch.tensor(index[start : start + step], device=device)
+        for name in keys:
+            x = btd(traces[name].input, len(chunk))[at_rows, at_cols].float()
+            sums[name].append(x.view(-1, per_request, x.shape[-1])[:, :n_ctx].mean(1))
+        for name in outputs:
+            y = btd(traces[name].output, len(chunk))[at_rows, at_cols].float()
+            outs[name].append(y.view(-1, per_request, y.shape[-1])[:, bare])
+    result = {name: torch.cat(parts) for name, parts in sums.items()}
+    result.update({name: torch.cat(parts) for name, parts in outs.items()})
+    return result
 
 
 def target_logprob(model: nn.Module, tokenizer, text: str, target: str) -> float:

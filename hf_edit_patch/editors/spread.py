@@ -1,11 +1,11 @@
 """An update spread over several MLP output projections, as MEMIT and AlphaEdit make it; only the solve differs.
 
 For each request a target z for the residual stream at the last edited layer (the subject's last token) is found by
-the value optimization (`value.optimize_value`). Then, layer by layer from the first, with K the requests' keys at
-that layer and R the remaining residual gap z − h split evenly over the layers left, the method's solve gives V
-`[d_in, n]` and the layer's update is ΔW = Rᵀ Vᵀ. Each layer's update is applied (through hooks; the model is never
-modified) before the next layer's keys and gaps are measured. Updates are returned factored (rank ≤ number of
-requests).
+the value optimization (`value.optimize_values`, all requests together in batched chunks). Then, layer by layer from
+the first, with K the requests' keys at that layer and R the remaining residual gap z − h split evenly over the layers
+left, the method's solve gives V `[d_in, n]` and the layer's update is ΔW = Rᵀ Vᵀ. Each layer's update is applied
+(through hooks; the model is never modified) before the next layer's keys and gaps are measured (one batched pass per
+layer, in chunks of about `v_batch_tokens` tokens). Updates are returned factored (rank ≤ number of requests).
 
 Example:
     ```python
@@ -25,15 +25,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from ..requests import EditRequest
 from .arch_spec import ArchSpec
 from .hooks import Edits, low_rank_edit
 from .hparams import ValueOptHParams
 from .layers import mlp_out_name
-from .prompts import context_templates, input_output_at, subject_key
-from .value import optimize_value
+from .prompts import context_templates, subject_activations
+from .value import optimize_values
 
 logger = logging.getLogger(__name__)
 
@@ -85,25 +85,32 @@ def spread_over_layers(
     """
     block = f"{spec.layers}.{layers[-1]}"
     contexts = context_templates(model, tokenizer, hp.n_context_templates, hp.context_length, hp.seed)
-    quiet = show_progress is False
-    targets = torch.stack(
-        [
-            optimize_value(model, tokenizer, req, block, contexts, hp, desc=repr(req.target_new))[1]
-            for req in tqdm(requests, desc=f"{desc} targets", unit="edit", disable=quiet or len(requests) < 2)
-        ]
+    _, targets = optimize_values(
+        model, tokenizer, requests, block, contexts, hp, show_progress=show_progress, desc=f"{desc} targets"
     )  # [n, d]
     edits: Edits = {}
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for i, layer in enumerate(tqdm(layers, desc=f"{desc} layers", unit="layer", disable=quiet)):
+    bar = progress_bar(layers, desc=f"{desc} layers", unit="layer", show_progress=show_progress, min_items=2)
+    for i, layer in enumerate(bar):
         name = mlp_out_name(spec, layer)
 
         def keys_of(reqs: list[EditRequest], name: str = name) -> torch.Tensor:
-            return torch.stack([subject_key(model, tokenizer, name, r, contexts, edits) for r in reqs])
+            acts = subject_activations(
+                model, tokenizer, reqs, contexts, keys=[name], edits=edits, batch_tokens=hp.v_batch_tokens
+            )
+            return acts[name]
 
-        keys = keys_of(requests)
-        current = torch.stack(
-            [input_output_at(model, tokenizer, block, r.prompt, r.subject, edits)[1] for r in requests]
+        acts = subject_activations(
+            model,
+            tokenizer,
+            requests,
+            contexts,
+            keys=[name],
+            outputs=[block],
+            edits=edits,
+            batch_tokens=hp.v_batch_tokens,
         )
+        keys, current = acts[name], acts[block]
         gap = (targets - current) / (len(layers) - i)  # [n, d_out]
         v_in = solve(LayerStep(layer=layer, module=name, keys=keys, gap=gap, keys_of=keys_of)).float()  # [d_in, n]
         u_out = gap.T.float()  # ΔW = gapᵀ Vᵀ: [d_out, d_in]
