@@ -5,7 +5,8 @@ K the requests' keys at a layer and R that layer's share of the residual gap,
 
     ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹,
 
-where C_l = E[k kᵀ] over a text corpus and λ = `mom2_update_weight` (default: the MLP width).
+where C_l = E[k kᵀ] over a text corpus and λ = `mom2_update_weight` (default: the MLP width / 16, chosen on ZsRE
+records 0-299 with SmolLM2-135M; see docs/results.md, "MEMIT reliability: the figure a user gets").
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from .spread import LayerStep, spread_over_layers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["edited_layers", "memit_deltas", "target_modules"]
+__all__ = ["DEFAULT_LAMBDA_PER_WIDTH", "default_lambda", "edited_layers", "memit_deltas", "target_modules"]
+
+DEFAULT_LAMBDA_PER_WIDTH = 1 / 16
+"""λ when `mom2_update_weight` is None, per unit of MLP width (SmolLM2-135M: 1536 / 16 = 96)."""
+
+
+def default_lambda(width: int) -> float:
+    """The default λ for an MLP of this width."""
+    return float(width) * DEFAULT_LAMBDA_PER_WIDTH
 
 
 def edited_layers(model: nn.Module, hp: MemitHParams, spec: ArchSpec) -> list[int]:
@@ -52,7 +61,7 @@ def memit_deltas(
     def solve(step: LayerStep) -> torch.Tensor:
         c = second_moments[step.module].to(device=step.keys.device, dtype=torch.float64)
         k64 = step.keys.double()  # [n, d_in]
-        lam = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(c.shape[0])
+        lam = hp.mom2_update_weight if hp.mom2_update_weight is not None else default_lambda(c.shape[0])
         return torch.linalg.solve(lam * c + k64.T @ k64, k64.T)  # [d_in, n]
 
     layers = edited_layers(model, hp, spec)
@@ -63,7 +72,9 @@ def memit_deltas(
 
 def _resolve(model: nn.Module, hp: MemitHParams, spec: ArchSpec) -> MemitHParams:
     """The layers and λ actually used, so that the patch records them."""
-    weight = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(mlp_width(model, spec))
+    weight = (
+        hp.mom2_update_weight if hp.mom2_update_weight is not None else default_lambda(mlp_width(model, spec))
+    )
     return dataclasses.replace(hp, layers=edited_layers(model, hp, spec), mom2_update_weight=weight)
 
 
