@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hf_edit_patch.evaluation.experiment.plots import plot_results
 from hf_edit_patch.evaluation.experiment.results import RESULTS_FILE
-from hf_edit_patch.evaluation.experiment.tables import summary_table, tasks_table
+from hf_edit_patch.evaluation.experiment.tables import stack_table, summary_table, tasks_table
 
 # what must agree for runs to be compared in one figure
 SHARED = ("data", "method", "setting", "unit", "batch_size", "seed", "model", "hparams", "drift_texts", "drift_n")
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     merged = merge(args.folders)
     paths = plot_results(merged, args.output_dir)
-    sys.stdout.write(summary_table(merged) + "\n\n" + tasks_table(merged) + "\n\n" + "\n".join(paths) + "\n")
+    tables = [summary_table(merged), stack_table(merged), tasks_table(merged)]
+    sys.stdout.write("\n\n".join(t for t in tables if t) + "\n\n" + "\n".join(paths) + "\n")
     return 0
 
 

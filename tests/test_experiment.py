@@ -4,6 +4,7 @@ settings, configuration checks, plots and the command line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import assert_state_equal, snapshot
@@ -383,3 +384,45 @@ def test_add_missing_keeps_mine_and_adds_theirs_in_place():
     add_missing(mine, {"a": {"x": 1, "y": {"k": 1}}, "b": [1], "c": 3})
     assert mine == {"a": {"x": 1, "y": {"k": 2, "j": 0}}, "b": [2], "c": 3}
     assert mine["a"] is inner  # references held by a running runner stay valid
+
+
+def test_stack_table_and_plots_show_forgetting_and_the_accumulated_update(tmp_path):
+    def point(rel, first, fro, spectral, cond):
+        return {
+            "editing": {"reliability": rel, "generalization": rel / 2, "locality": 0.9},
+            "drift": {"kl": rel / 10, "ppl_edited": 23.0, "ppl_base": 22.0},
+            "first_edits": {"n": 5, "reliability": first} if first is not None else None,
+            "accumulated": {
+                f"model.layers.{layer}.mlp.down_proj.weight": {
+                    "rel_fro": fro * layer,
+                    "rel_spectral": spectral,
+                    "cond_before": 20.0,
+                    "cond_edited": cond,
+                }
+                for layer in (4, 10)
+            },
+            "weights": {"frac_rel_change_gt": {"0.077": 0.5}},
+            "tasks": {},
+        }
+
+    results = {
+        "config": {"method": "rome", "setting": "sequential", "unit": "instance"},
+        "base": None,
+        "runs": {
+            "a": {"regularizer": "none", "checkpoints": {"10": point(0.9, None, 0.2, 0.8, 18.0)}},
+            "b": {"regularizer": "prune:0.5", "checkpoints": {"50": point(0.5, 0.25, 0.4, 0.7, 30.0)}},
+        },
+    }
+    rows = ex.stack_table(results).splitlines()
+    assert "| first 5 |" in rows[0] and "σmax(ΣΔW)/σmax(W)" in rows[0]
+    assert len(rows) == 2 + 2 * 2  # two checkpoints × two matrices
+    assert rows[2].startswith("| none | 10 | 0.900 | – |") and rows[2].endswith(
+        "| model.layers.4.mlp.down_proj | 0.80 | 0.80 | 0.90 |"
+    )
+    assert rows[3].endswith("| model.layers.10.mlp.down_proj | 2.00 | 0.80 | 0.90 |")
+    assert rows[4].startswith("| prune:0.5 | 50 | 0.500 | 0.250 |") and rows[4].endswith("| 1.60 | 0.70 | 1.50 |")
+    without = {**results, "runs": {"a": {"regularizer": "none", "checkpoints": {"10": {"accumulated": None}}}}}
+    assert ex.stack_table(without) == ""
+    pytest.importorskip("matplotlib")
+    paths = ex.plot_results(results, tmp_path)
+    assert Path(paths[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -143,7 +143,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     """Runs (or resumes) the experiment of parsed `experiment` arguments and prints its tables."""
     from ..evaluation.experiment.results import RESULTS_FILE
     from ..evaluation.experiment.runner import run_experiment
-    from ..evaluation.experiment.tables import summary_table, tasks_table
+    from ..evaluation.experiment.tables import stack_table, summary_table, tasks_table
 
     config = config_from_args(args)
     for path, what in ((config.data, "--data"), (config.drift_texts, "--drift-texts")):
@@ -151,8 +151,8 @@ def run_experiment_command(args: argparse.Namespace) -> int:
             raise CLIError(f"{what}: no such file {path!r}")
     results = run_experiment(config, args.output_dir, plots=not args.no_plots, show_progress=show_progress(args))
     say(summary_table(results) + "\n")
-    table = tasks_table(results)
-    if table:
-        say(table + "\n")
+    for table in (stack_table(results), tasks_table(results)):
+        if table:
+            say(table + "\n")
     say(f"Results in {Path(args.output_dir) / RESULTS_FILE}")
     return EXIT_OK

@@ -45,6 +45,7 @@ __all__ = [
     "load_zsre",
     "plot_results",
     "run_experiment",
+    "stack_table",
     "summary_table",
     "tasks_table",
 ]
@@ -55,6 +56,7 @@ _LAZY = {
     "RESULTS_FILE": "results",
     "plot_results": "plots",
     "run_experiment": "runner",
+    "stack_table": "tables",
     "summary_table": "tables",
     "tasks_table": "tables",
 }
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
     from .plots import plot_results
     from .results import RESULTS_FILE
     from .runner import run_experiment
-    from .tables import summary_table, tasks_table
+    from .tables import stack_table, summary_table, tasks_table
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -46,6 +46,10 @@ def _series(results: dict[str, Any], getter: Any) -> dict[str, tuple[list[int], 
     return out
 
 
+def _first(per_module: dict[str, Any]) -> Any:
+    return next(iter(per_module.values()))
+
+
 def plot_results(results: dict[str, Any], output_dir: str | os.PathLike) -> list[str]:
     """Writes `scores.png` (editing metrics, drift, label probes and task scores vs number of edits, one line per
     regularizer) and `heatmap.png` (pooled |ΔW| of the first edited matrix at the last checkpoint); returns their
@@ -68,7 +72,18 @@ def plot_results(results: dict[str, Any], output_dir: str | os.PathLike) -> list
         ("perplexity", lambda p: p["drift"]["ppl_edited"]),
         ("entries with |ΔW/W| > 0.077", lambda p: p["weights"]["frac_rel_change_gt"]["0.077"]),
     ]
-    probed = {t for p in result_points(results) for t in (p.get("probes") or {})}
+    points = result_points(results)
+    if any(p.get("first_edits") for p in points):
+        n_first = next(p["first_edits"]["n"] for p in points if p.get("first_edits"))
+        panels.insert(1, (f"reliability, first {n_first} edits", lambda p: p["first_edits"]["reliability"]))
+    if any(p.get("accumulated") for p in points):
+        # the first edited matrix: its accumulated update against the weight under it
+        panels += [
+            ("‖ΣΔW‖_F / ‖W‖_F", lambda p: _first(p["accumulated"])["rel_fro"]),
+            ("σmax(ΣΔW) / σmax(W)", lambda p: _first(p["accumulated"])["rel_spectral"]),
+            ("condition number of W + ΣΔW", lambda p: _first(p["accumulated"])["cond_edited"]),
+        ]
+    probed = {t for p in points for t in (p.get("probes") or {})}
     for t in (t for t in PROBE_TASKS if t in probed):
         panels += [
             (f"{PROBE_NAMES[t]} answer format", lambda p, t=t: p["probes"][t]["adherence"]),

@@ -1,5 +1,6 @@
 """Markdown tables of an experiment's results: every checkpoint's editing metrics, drift, label probes and weight
-change (`summary_table`), and the general-task scores (`tasks_table`).
+change (`summary_table`), forgetting and the accumulated update of long runs (`stack_table`), and the general-task
+scores (`tasks_table`).
 
 Example:
     ```python
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..tasks.prompts import PROBE_TASKS
 
-__all__ = ["PROBE_NAMES", "fmt", "result_points", "summary_table", "tasks_table"]
+__all__ = ["PROBE_NAMES", "fmt", "result_points", "stack_table", "summary_table", "tasks_table"]
 
 PROBE_NAMES = {"sentiment": "SST-2", "nli": "RTE", "closed_qa": "BoolQ"}
 
@@ -68,6 +69,37 @@ def summary_table(results: dict[str, Any]) -> str:
                 f" {fmt(p.get('nnz'), ',')} | {fmt(frac.get('0.077'), '.1%')} | {fmt(frac.get('0.171'), '.1%')} "
                 f"| {fmt(w.get('manhattan'), '.1f')} |"
             )
+    return "\n".join(rows)
+
+
+def stack_table(results: dict[str, Any]) -> str:
+    """A Markdown table of long runs, per checkpoint: reliability over all edits and over the first ones (forgetting),
+    drift, and the accumulated update of every edited matrix against the weight under it (Frobenius and spectral norm
+    ratios, condition number of the edited matrix). Empty when no checkpoint measured the accumulated update."""
+    points = [p for run in results["runs"].values() for p in run["checkpoints"].values()]
+    if not any(p.get("accumulated") for p in points):
+        return ""
+    n_first = next((p["first_edits"]["n"] for p in points if p.get("first_edits")), None)
+    rows = [
+        f"| run | edits | reliability | first {n_first or '–'} | generalization | locality | KL | perplexity | matrix "
+        "| ‖ΣΔW‖/‖W‖ | σmax(ΣΔW)/σmax(W) | cond(W + ΣΔW) / cond(W) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in results["runs"].values():
+        for n, p in sorted(run["checkpoints"].items(), key=lambda kv: int(kv[0])):
+            e, d, first = p["editing"], p["drift"], p.get("first_edits") or {}
+            head = (
+                f"| {run['regularizer']} | {n} | {fmt(e['reliability'])} | {fmt(first.get('reliability'))} "
+                f"| {fmt(e['generalization'])} | {fmt(e['locality'])} | {fmt(d['kl'], '.4f')} "
+                f"| {fmt(d['ppl_edited'], '.2f')} |"
+            )
+            for name, a in (p.get("accumulated") or {"–": {}}).items():
+                cond = a.get("cond_edited") / a["cond_before"] if a.get("cond_before") else None
+                rows.append(
+                    f"{head} {name.removesuffix('.weight')} | {fmt(a.get('rel_fro'), '.2f')} "
+                    f"| {fmt(a.get('rel_spectral'), '.2f')} | {fmt(cond, '.2f')} |"
+                )
+                head = "| | | | | | | | |"
     return "\n".join(rows)
 
 
