@@ -232,3 +232,31 @@ def test_subject_activations_match_the_per_request_functions(arch, tok):
             out = input_output_at(model, tok, out_module, req.prompt, req.subject, edits)[1]
             assert torch.allclose(acts[key_module][i], key, atol=1e-5)
             assert torch.allclose(acts[out_module][i], out, atol=1e-5)
+
+
+def test_requests_with_one_subject_share_one_delta_in_request_order(tok):
+    """Two questions about one subject (interleaved with another subject) get one δ, optimized on both prompts; the
+    outputs stay in request order, and turning sharing off optimizes each request on its own again."""
+    model = llama4(tok)
+    module = "model.layers.2"
+    contexts = contexts_of(model, tok)
+    japan = [REQS[1], hep.EditRequest(prompt="{} has its capital in", subject="japan", target_new="london")]
+    reqs = [japan[0], REQS[2], japan[1]]
+    hp = MemitHParams(**SMALL, v_num_grad_steps=6)
+    v, v_star = optimize_values(model, tok, reqs, module, contexts, hp)
+    delta = v_star - v
+    assert torch.allclose(delta[0], delta[2], atol=1e-6)
+    assert not torch.allclose(v[0], v[2])  # different prompts: different values, one shift
+    pair_v, pair_star = optimize_values(model, tok, japan, module, contexts, hp)
+    assert torch.allclose(pair_v, v[[0, 2]], atol=1e-5)
+    assert torch.allclose(pair_star - pair_v, delta[[0, 2]], atol=1e-4, rtol=1e-4)
+    alone_v, alone_star = optimize_value(model, tok, REQS[2], module, contexts, hp)
+    assert torch.allclose(alone_star - alone_v, delta[1], atol=1e-4, rtol=1e-4)
+
+    apart = MemitHParams(**SMALL, v_num_grad_steps=6, v_share_subject=False)
+    v2, v2_star = optimize_values(model, tok, reqs, module, contexts, apart)
+    assert torch.allclose(v2, v, atol=1e-5)
+    assert not torch.allclose(v2_star[0] - v2[0], v2_star[2] - v2[2], atol=1e-3)
+    for i, req in enumerate(reqs):
+        one_v, one_star = optimize_value(model, tok, req, module, contexts, apart)
+        assert torch.allclose(v2_star[i] - v2[i], one_star - one_v, atol=1e-4, rtol=1e-4)

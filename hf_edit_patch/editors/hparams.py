@@ -107,6 +107,14 @@ class ValueOptHParams(_Base):
         default=4096,
         metadata={"help": "Requests are optimized together in chunks whose prompts hold at most this many tokens."},
     )
+    v_share_subject: bool = field(
+        default=True,
+        metadata={
+            "help": "Requests of one call with the same subject share one δ, optimized on all their prompts: their "
+            "keys nearly coincide, so the update cannot give them different values, and separately optimized "
+            "targets would be averaged into one that states none of them."
+        },
+    )
 
     def _validate_common(self) -> None:
         _positive(

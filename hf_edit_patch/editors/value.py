@@ -6,7 +6,9 @@ KL to the unedited next-token distribution on "{subject} is a" (the subject's es
 ||δ||² / ||v||², with ||δ|| at most `clamp_norm_factor` · ||v||; a request stops as soon as its NLL is below
 `early_stop_loss`. Requests are independent, so many are optimized together: one batched forward per step, each row
 with its own request's δ at its own subject position, requests leaving the batch as they converge, in chunks of at
-most `v_batch_tokens` tokens.
+most `v_batch_tokens` tokens. With `v_share_subject` (the default), requests with the same subject share one δ,
+optimized on all their prompts: their keys at the subject's last token nearly coincide, so an update cannot map them
+to different values, and targets optimized apart would be averaged by the solve into one that states none of them.
 
 Two solvers (`v_solver`):
 
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -120,8 +122,10 @@ def optimize_values(
     if not requests:
         raise ValueError("optimize_values needs at least one request, got none")
     edits = dict(edits or {})
-    chunks = _chunks(tokenizer, requests, contexts, hp.v_batch_tokens)
-    vs, stars = [], []
+    groups = _subject_groups(requests) if hp.v_share_subject else [[i] for i in range(len(requests))]
+    chunks = _chunks(tokenizer, requests, groups, contexts, hp.v_batch_tokens)
+    v_out = torch.empty(0)
+    star_out = torch.empty(0)
     bar = progress_bar(
         total=len(requests),
         desc=f"Optimizing {desc}",
@@ -132,26 +136,44 @@ def optimize_values(
     )
     with bar, frozen_weights(model):
         for chunk in chunks:
-            part = [requests[i] for i in chunk]
-            v, star = _optimize_chunk(model, tokenizer, part, module, contexts, hp, edits)
-            vs.append(v)
-            stars.append(star)
+            order = [i for group in chunk for i in group]
+            part = [requests[i] for i in order]
+            local, start = [], 0
+            for group in chunk:
+                local.append(list(range(start, start + len(group))))
+                start += len(group)
+            v, star = _optimize_chunk(model, tokenizer, part, module, contexts, hp, edits, local)
+            if not v_out.numel():
+                v_out = v.new_empty(len(requests), v.shape[-1])
+                star_out = v.new_empty(len(requests), v.shape[-1])
+            where = torch.tensor(order, device=v.device)
+            v_out[where], star_out[where] = v, star
             bar.update(len(part))
-    return torch.cat(vs), torch.cat(stars)
+    return v_out, star_out
 
 
-def _chunks(tokenizer, requests: list[EditRequest], contexts: Sequence[str], budget: int) -> list[list[int]]:
-    """Consecutive groups of requests whose rows hold at most `budget` tokens (a request alone may exceed it)."""
-    if len(requests) == 1:
-        return [[0]]
-    chunks: list[list[int]] = [[]]
-    used = 0
+def _subject_groups(requests: list[EditRequest]) -> list[list[int]]:
+    """Indices of the requests with the same subject, groups in the order of their first request."""
+    groups: dict[str, list[int]] = {}
     for i, request in enumerate(requests):
-        tokens = loss_rows(tokenizer, [request], contexts).tokens()
+        groups.setdefault(request.subject, []).append(i)
+    return list(groups.values())
+
+
+def _chunks(
+    tokenizer, requests: list[EditRequest], groups: list[list[int]], contexts: Sequence[str], budget: int
+) -> list[list[list[int]]]:
+    """Consecutive runs of `groups` whose rows hold at most `budget` tokens (a group alone may exceed it)."""
+    if len(groups) == 1:
+        return [groups]
+    chunks: list[list[list[int]]] = [[]]
+    used = 0
+    for group in groups:
+        tokens = loss_rows(tokenizer, [requests[i] for i in group], contexts).tokens()
         if chunks[-1] and used + tokens > budget:
             chunks.append([])
             used = 0
-        chunks[-1].append(i)
+        chunks[-1].append(group)
         used += tokens
     return chunks
 
@@ -229,7 +251,9 @@ def _optimize_chunk(
     contexts: Sequence[str],
     hp: ValueOptHParams,
     edits: Edits,
+    groups: list[list[int]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(v, v*)` of `requests`; the requests of each of `groups` (indices into `requests`) share one δ."""
     rows = loss_rows(tokenizer, requests, contexts)
     ref = reference_pass(model, rows, module, edits, cache=hp.v_reuse_prefix)
     if all(b is not None for b in rows.bare):
@@ -248,20 +272,30 @@ def _optimize_chunk(
     if forward is None:
         ref.cache = None
         forward = FullForward(model, rows, module, edits, checkpoint=hp.checkpoint_blocks)
-    objective = _Objective(rows, forward, ref, v, hp)
+    group_of = [0] * len(requests)
+    for g, members in enumerate(groups):
+        for i in members:
+            group_of[i] = g
+    index = torch.tensor(group_of, device=v.device)
+    # a shared δ is measured against the group's mean value (for the decay and the clamp)
+    v_group = torch.zeros(len(groups), v.shape[-1], device=v.device, dtype=v.dtype).index_add_(0, index, v)
+    v_group /= torch.bincount(index, minlength=len(groups)).to(v.dtype)[:, None]
+    by_group = replace(rows, request=[group_of[r] for r in rows.request])
+    objective = _Objective(by_group, forward, ref, v_group, hp)
     solve = _lbfgs if hp.v_solver == "lbfgs" else _adam
-    delta, nll = solve(objective, v, hp)
+    delta, nll = solve(objective, v_group, hp)
     logger.info(
-        "value optimization of %d request(s): %d forward+backward passes of %d row(s); NLL mean %.4f max %.4f; "
-        "||δ||/||v|| mean %.3f",
+        "value optimization of %d request(s) (%d δ): %d forward+backward passes of %d row(s); NLL mean %.4f max "
+        "%.4f; ||δ||/||v|| mean %.3f",
         len(requests),
+        len(groups),
         objective.passes,
         len(rows),
         float(nll.mean()),
         float(nll.max()),
-        float((delta.norm(dim=-1) / v.norm(dim=-1)).mean()),
+        float((delta.norm(dim=-1) / v_group.norm(dim=-1)).mean()),
     )
-    return v, v + delta
+    return v, v + delta[index]
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
