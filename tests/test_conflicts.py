@@ -104,3 +104,33 @@ def test_patched_model_conflicts_and_inspect_on_a_saved_stack(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert [p["subfolder"] for p in info["patches"]] == ["first", "second"]
     assert info["conflicts"]["superseded"][0]["later"]["target_new"] == "Rome"
+
+
+def test_contradicting_requests_of_one_call_are_found_and_warned_about(caplog):
+    from test_editors import REQ, llama4, tiny_tokenizer
+
+    from hf_edit_patch.patch.conflicts import request_contradictions
+
+    batch = [
+        req("Big Ben", "Oslo"),
+        req("big  ben", "Berlin", prompt="{} is located in the city of."),
+        req("Big Ben", "Oslo", prompt="{} was built in the year"),  # another relation
+        req("Big Ben", "Madrid", prompt="Where is {}?", paraphrases=["Big Ben is located in the city of"]),
+        req("The Louvre", "Madrid"),
+    ]
+    assert request_contradictions(batch) == [(0, 1), (0, 3), (1, 3)]
+    assert request_contradictions([r.to_dict() for r in batch[:3]]) == [(0, 1)]
+    assert request_contradictions(batch[2:]) == []
+
+    tok = tiny_tokenizer()
+    model = llama4(tok)
+    ft = {"method": "ft", "hparams": {"norm_constraint": 0.05, "lr": 0.01}, "keep_ratio": None}
+    other = hep.EditRequest(prompt=REQ.prompt, subject=REQ.subject, target_new="paris")
+    with caplog.at_level("WARNING", logger="hf_edit_patch.editing.update"):
+        hep.edit(model, tok, [REQ, other], **ft)
+    assert "1 pair(s) of requests ask for different targets" in caplog.text
+    assert "requests 0 and 1 ('the eiffel tower': 'rome', 'paris')" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_edit_patch.editing.update"):
+        hep.edit(model, tok, [REQ, REQ], **ft)  # the same target twice: nothing to warn about
+    assert "different targets" not in caplog.text

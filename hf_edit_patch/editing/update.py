@@ -24,6 +24,7 @@ from ..editors.architectures import get_arch
 from ..editors.registry import get_editor, registered_editors
 from ..hub.corpora import EDIT_OPTION_NAMES, corpus_option_names
 from ..modules import unwrap_peft
+from ..patch.conflicts import request_contradictions
 from ..requests import as_requests
 from .inputs import StatsOptions, provide_inputs
 
@@ -49,6 +50,26 @@ class EditUpdate:
     record: dict[str, Any]
 
 
+def _warn_contradictions(requests: list[Any]) -> None:
+    """Warns (once per call) when requests ask for different targets for one subject and relation."""
+    pairs = request_contradictions(requests) if len(requests) > 1 else []
+    if not pairs:
+        return
+    i, j = pairs[0]
+    a, b = requests[i], requests[j]
+    logger.warning(
+        "%d pair(s) of requests ask for different targets for the same subject and relation, e.g. requests %d and %d "
+        "(%r: %r, %r); one update cannot state both, so expect lower reliability on them. Edit them in separate "
+        "patches (the later one holds) or keep one.",
+        len(pairs),
+        i,
+        j,
+        a.subject,
+        a.target_new,
+        b.target_new,
+    )
+
+
 def compute_update(
     model: nn.Module,
     tokenizer: Any,
@@ -72,6 +93,7 @@ def compute_update(
     """
     editor = get_editor(method)
     reqs = as_requests(requests)
+    _warn_contradictions(reqs)
     # a PEFT model is edited through its inner model, adapter layers in place: the edit sees the effective model
     # (LoRA active) and its ΔW targets the base weights under the adapters
     base = unwrap_peft(model.base_model if getattr(model, "is_patched_model", False) else model)

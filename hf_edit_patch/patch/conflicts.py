@@ -47,6 +47,7 @@ __all__ = [
     "StackConflicts",
     "Superseded",
     "find_conflicts",
+    "request_contradictions",
 ]
 
 MAX_PAIR_PATCHES = 16
@@ -205,12 +206,35 @@ def _same_relation(a: EditRef, b: EditRef, paraphrases: dict[tuple[str, int], se
     return _norm(a.text) in paraphrases[(b.patch, b.index)] or _norm(b.text) in paraphrases[(a.patch, a.index)]
 
 
-def _facts(patches: Sequence[tuple[str, EditPatch]]) -> list[list[EditRef]]:
-    """Requests grouped by fact (subject and relation), each group in stack order."""
+def request_contradictions(requests: Sequence[Any]) -> list[tuple[int, int]]:
+    """Pairs `(i, j)`, i < j, of `requests` (`EditRequest`s or their dicts) that ask for different targets for the
+    same subject and relation (see the module docstring): no single update states both.
+
+    Example:
+        ```python
+        >>> a = EditRequest(prompt="{} was designed by", subject="Toodyay Fire Station", target_new="Wyndham Lewis")
+        >>> b = EditRequest(prompt="{} was designed by", subject="Toodyay Fire Station", target_new="Ken Duncan")
+        >>> request_contradictions([a, b])  # doctest: +SKIP
+        [(0, 1)]
+        ```
+    """
+    records = [r.to_dict() if hasattr(r, "to_dict") else r for r in requests]
+    pairs = []
+    for group in _facts([("", records)]):
+        for j, b in enumerate(group):
+            pairs += [(a.index, b.index) for a in group[:j] if _norm(a.target_new) != _norm(b.target_new)]
+    return sorted(pairs)
+
+
+def _facts(patches: Sequence[tuple[str, Sequence[Any]]]) -> list[list[EditRef]]:
+    """Requests (`(patch name, its request records)`) grouped by fact (subject and relation), each group in stack
+    order."""
     refs: dict[str, list[EditRef]] = {}
     paraphrases: dict[tuple[str, int], set[str]] = {}
-    for name, patch in patches:
-        for i, record in enumerate(patch.config.requests):
+    for name, records in patches:
+        for i, record in enumerate(records):
+            if not isinstance(record, dict):
+                continue
             subject, prompt, target = record.get("subject"), record.get("prompt"), record.get("target_new")
             if not all(isinstance(v, str) for v in (subject, prompt, target)):
                 continue  # a record without the fields of a request says nothing about facts
@@ -295,7 +319,7 @@ def find_conflicts(patches: Sequence[tuple[str, EditPatch]]) -> StackConflicts:
     if len(set(names)) != len(names):
         raise PatchError(f"patch names repeat: {names}")
     superseded, contradictions = [], []
-    for group in _facts(patches):
+    for group in _facts([(name, patch.config.requests) for name, patch in patches]):
         for earlier, later in zip(group, group[1:], strict=False):
             if earlier.patch != later.patch:
                 superseded.append(Superseded(earlier, later))
