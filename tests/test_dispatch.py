@@ -212,3 +212,24 @@ def test_edit_memory_rejects_what_it_does_not_cover():
         edit_memory(make_llama().config, method="mend")
     with pytest.raises(PatchError, match="dtype must be a floating point torch dtype"):
         edit_memory(make_llama().config, dtype="int8")
+
+
+def test_kn_on_a_model_whose_output_head_is_on_disk_equals_kn_on_the_plain_one(tmp_path, tok):
+    """KN writes answer embeddings (rows of the output head) into neurons: an offloaded head is read from disk."""
+    from test_editors_more import KN_REQ
+
+    patches = []
+    for dispatched in (False, True):
+        model = llama4(tok)
+        if dispatched:
+            accelerate.dispatch_model(
+                model, {**_device_map(4, {1, 2}), "lm_head": "disk"}, offload_dir=str(tmp_path / "offload")
+            )
+            assert model.lm_head.weight.is_meta
+        kw = {"hparams": {"steps": 8}, "value_dtype": "float32", "keep_ratio": None, "show_progress": False}
+        patches.append(hep.edit(model, tok, [KN_REQ], method="kn", **kw))
+    plain, dispatched = patches
+    assert plain.config.editor_hparams["neurons"] == dispatched.config.editor_hparams["neurons"]
+    assert list(plain.deltas) == list(dispatched.deltas) and plain.deltas
+    for name, delta in plain.deltas.items():
+        assert torch.equal(delta.to_dense(), dispatched.deltas[name].to_dense()), name

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..batching import head_only_at, model_device, target_token_ids
-from ..modules import weight_layout
+from ..modules import resolve_weight, weight_layout
 from ..progress import progress_bar
 from ..requests import EditRequest
 from .arch_spec import ArchSpec
@@ -150,7 +150,9 @@ def kn_deltas(
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(model).__name__} has no output embeddings: KN writes answer embeddings into neurons")
-    embeddings = head.weight.detach().float()
+    head_name = next(name for name, module in model.named_modules() if module is head)
+    # an offloaded head (accelerate: the parameter is on `meta`) is read where its values live
+    embeddings = resolve_weight(model, head_name)[1].detach()
     deltas: dict[str, torch.Tensor] = {}
     record: list[list[list[Any]]] = []
     device = model_device(model)
@@ -163,7 +165,8 @@ def kn_deltas(
             with torch.no_grad():
                 old_id = int(model(input_ids=ids).logits[0, -1].argmax())
         neurons = select_neurons(model, tokenizer, req, old_id, modules, hp)
-        direction = hp.add_scale * embeddings[new_id] - hp.erase_scale * embeddings[old_id]  # [hidden]
+        rows = embeddings[[new_id, old_id]].float().to(device)
+        direction = hp.add_scale * rows[0] - hp.erase_scale * rows[1]  # [hidden]
         for name, j, sign in neurons:
             module = model.get_submodule(name)
             delta = deltas.setdefault(name, torch.zeros(module.weight.shape, dtype=torch.float32, device=device))
