@@ -26,8 +26,8 @@ docs/results.md's MEMIT batch scores higher). Key statistics default to 1,000 Bo
 (`mom2_n_samples`), cached in the hf_edit_patch `StatsCache` unless `--stats-cache` names another folder.
 
 Usage (the figures in docs/results.md, "MEMIT reliability: the figure a user gets"):
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/memit_reliability.py --split heldout --batch-size 40 --batches 3 \
-        --threads 1 --json /tmp/rel/heldout.json
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/memit_reliability.py --split heldout --batch-size 40 --batches 0 \
+        --threads 1 --json /tmp/rel/heldout.json   # all 15 batches of records 300-899, about 1.6 hours
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/memit_reliability.py --split first --batch-size 40 --threads 1 \
         --hparams '{"mom2_update_weight": 1536}'
 """
