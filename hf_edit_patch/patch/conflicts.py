@@ -219,11 +219,17 @@ def request_contradictions(requests: Sequence[Any]) -> list[tuple[int, int]]:
         ```
     """
     records = [r.to_dict() if hasattr(r, "to_dict") else r for r in requests]
-    pairs = []
-    for group in _facts([("", records)]):
-        for j, b in enumerate(group):
-            pairs += [(a.index, b.index) for a in group[:j] if _norm(a.target_new) != _norm(b.target_new)]
-    return sorted(pairs)
+    return sorted((a.index, b.index) for group in _facts([("", records)]) for a, b in _contradicting(group))
+
+
+def _contradicting(group: list[EditRef]) -> list[tuple[EditRef, EditRef]]:
+    """Pairs of one fact's requests, earlier first, that one patch records with different targets."""
+    return [
+        (a, b)
+        for j, b in enumerate(group)
+        for a in group[:j]
+        if a.patch == b.patch and _norm(a.target_new) != _norm(b.target_new)
+    ]
 
 
 def _facts(patches: Sequence[tuple[str, Sequence[Any]]]) -> list[list[EditRef]]:
@@ -323,10 +329,7 @@ def find_conflicts(patches: Sequence[tuple[str, EditPatch]]) -> StackConflicts:
         for earlier, later in zip(group, group[1:], strict=False):
             if earlier.patch != later.patch:
                 superseded.append(Superseded(earlier, later))
-        for j, b in enumerate(group):
-            for a in group[:j]:
-                if a.patch == b.patch and _norm(a.target_new) != _norm(b.target_new):
-                    contradictions.append(Contradiction(a.patch, a, b))
+        contradictions += [Contradiction(a.patch, a, b) for a, b in _contradicting(group)]
     order = {n: i for i, n in enumerate(names)}
     superseded.sort(key=lambda s: (order[s.later.patch], s.later.index))
     contradictions.sort(key=lambda c: (order[c.patch], c.first.index, c.second.index))
