@@ -12,10 +12,11 @@ from test_editors import llama4, tiny_tokenizer
 
 from hf_edit_patch.cli import main
 from hf_edit_patch.evaluation import experiment as ex
-from hf_edit_patch.evaluation.experiment import runner
+from hf_edit_patch.evaluation.experiment import inputs, runner
 from hf_edit_patch.evaluation.experiment.measures import HEATMAP_SIZE, Measures
 from hf_edit_patch.evaluation.experiment.results import add_missing
 from hf_edit_patch.evaluation.experiment.runner import ExperimentRunner
+from hf_edit_patch.evaluation.scoring import LocalityReference
 
 SUBJECTS = ["the eiffel tower", "the louvre", "big ben", "the colosseum", "tokyo", "berlin"]
 TARGETS = ["rome", "london", "paris", "japan", "italy", "france"]
@@ -376,6 +377,62 @@ def test_runners_sharing_a_folder_keep_each_others_results(files, tok, tmp_path)
     merged = json.loads((out / "results.json").read_text())
     assert merged["runs"]["ft-sequential-instance-none-seed0"]["checkpoints"]["2"]["tasks"] == {"sentiment": 0.25}
     assert merged["runs"]["ft-sequential-instance-rect0.4-seed0"]["note"] == "x"
+
+
+def test_a_resumed_run_reads_its_requests_and_locality_reference_back(files, tok, tmp_path, monkeypatch):
+    model = llama4(tok)
+    out = tmp_path / "out"
+    first = ex.run_experiment(
+        config(files, checkpoints=[2], regularizers=["none"]), out, model=model, tokenizer=tok, plots=False
+    )
+    kept = {name: (out / name).read_text() for name in (inputs.REQUESTS_FILE, inputs.REFERENCE_FILE)}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(runner, "load_zsre", fail)
+    monkeypatch.setattr(runner, "locality_reference", fail)
+    second = ex.run_experiment(
+        config(files, checkpoints=[2], regularizers=["none", "rect:0.4"]), out, model=model, tokenizer=tok, plots=False
+    )
+    assert second["base"] == first["base"] and {n: (out / n).read_text() for n in kept} == kept
+    monkeypatch.undo()
+    # More requests are another key: computed again, and the saved patches of the first two still match them.
+    third = ex.run_experiment(
+        config(files, checkpoints=[2, 3], regularizers=["none"]), out, model=model, tokenizer=tok, plots=False
+    )
+    assert set(third["runs"]["ft-sequential-instance-none-seed0"]["checkpoints"]) == {"2", "3"}
+    assert json.loads((out / inputs.REQUESTS_FILE).read_text())["key"]["n"] == 3
+
+
+def test_kept_inputs_are_used_only_under_their_key(tmp_path, caplog):
+    from hf_edit_patch.requests import EditRequest
+
+    made = []
+
+    def make(subject="big ben"):
+        made.append(subject)
+        return [EditRequest("{} is in", subject, "paris", neighborhood=["the capital of france is"])]
+
+    key = {"n": 1, "data_sha256": inputs.file_sha256(None), "seed": 0}
+    first = inputs.kept_requests(tmp_path, key, make)
+    assert inputs.kept_requests(tmp_path, dict(key), lambda: make("other")) == first and made == ["big ben"]
+    assert inputs.kept_requests(tmp_path, {**key, "seed": 1}, lambda: make("tokyo"))[0].subject == "tokyo"
+    assert inputs.kept_requests(tmp_path, {**key, "seed": 1}, make)[0].subject == "tokyo" and len(made) == 2
+    (tmp_path / inputs.REQUESTS_FILE).write_text('{"key": {}, "value": [')  # a torn or foreign file
+    with caplog.at_level("WARNING"):
+        assert inputs.kept_requests(tmp_path, key, make) == first and len(made) == 3
+    assert "ignoring" in caplog.text and "requests.json" in caplog.text
+    reference = LocalityReference({"the capital of france is": (5, 7)})
+    assert inputs.kept_reference(tmp_path, first, None, lambda: reference) == reference
+    assert inputs.kept_reference(tmp_path, first, None, fail_if_called) == reference
+    other = LocalityReference({"the capital of france is": (1,)})
+    assert inputs.kept_reference(tmp_path, first, "another/model", lambda: other) == other
+    assert inputs.kept_reference(tmp_path, make("tokyo"), "another/model", lambda: reference) == reference
+
+
+def fail_if_called():
+    raise AssertionError("computed again")
 
 
 def test_add_missing_keeps_mine_and_adds_theirs_in_place():

@@ -30,6 +30,7 @@ from ...progress import progress_bar
 from ..counterfactuals import unstated_counterfactuals
 from ..scoring import locality_reference
 from .config import ExperimentConfig, edit_settings, load_zsre, neutral_texts, parse_regularizer
+from .inputs import file_sha256, kept_reference, kept_requests
 from .measures import Measures
 from .plots import plot_results
 from .results import ResultsFile, average_points, point_summary
@@ -78,9 +79,17 @@ class ExperimentRunner:
 
     def load_requests(self) -> list[Any]:
         """The first `max(checkpoints)` requests: ZsRE records, then (`counterfactuals="fill"`) generated
-        counterfactuals the model does not already state, or (`"only"`) generated ones alone; the seed orders both."""
+        counterfactuals the model does not already state, or (`"only"`) generated ones alone; the seed orders both.
+        Kept in the output folder (`inputs.kept_requests`) for runners that resume or share it."""
         c = self.config
         n = max(c.checkpoints)
+        data = None if c.counterfactuals == "only" else c.data
+        key = {"n": n, "data_sha256": file_sha256(data), "seed": c.seed, "counterfactuals": c.counterfactuals,
+               "model": c.model}  # fmt: skip
+        return kept_requests(self.out, key, lambda: self._make_requests(n))
+
+    def _make_requests(self, n: int) -> list[Any]:
+        c = self.config
         records: list[Any] = []
         if c.counterfactuals != "only":
             records = load_zsre(c.data, None if c.counterfactuals == "fill" else n, c.seed)[:n]
@@ -95,7 +104,10 @@ class ExperimentRunner:
     def measure_base(self) -> None:
         """The base model's point (or the measures it lacks), and the locality reference of every request."""
         m = self.measures
-        m.reference = locality_reference(self.model, self.tokenizer, self.requests)
+        m.reference = kept_reference(
+            self.out, self.requests, self.config.model,
+            lambda: locality_reference(self.model, self.tokenizer, self.requests),
+        )  # fmt: skip
         base = self.results.get("base")
         if base is not None:
             missing = m.missing(base)
