@@ -414,7 +414,7 @@ def test_kept_inputs_are_used_only_under_their_key(tmp_path, caplog):
         made.append(subject)
         return [EditRequest("{} is in", subject, "paris", neighborhood=["the capital of france is"])]
 
-    key = {"n": 1, "data_sha256": inputs.file_sha256(None), "seed": 0}
+    key = {"n": 1, "data_sha256": inputs.data_sha256(None), "seed": 0}
     first = inputs.kept_requests(tmp_path, key, make)
     assert inputs.kept_requests(tmp_path, dict(key), lambda: make("other")) == first and made == ["big ben"]
     assert inputs.kept_requests(tmp_path, {**key, "seed": 1}, lambda: make("tokyo"))[0].subject == "tokyo"

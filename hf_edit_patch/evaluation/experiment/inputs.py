@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ...errors import EvaluationFormatError
-from ...hub.files import atomic_write
+from ...hub.files import atomic_write, file_sha256
 from ...requests import EditRequest
 from ...schema import AnyJSON, Int, List, Map, Object, Str, read_json, validate
 from ..scoring import LocalityReference
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REFERENCE_FILE", "REQUESTS_FILE", "file_sha256", "kept_reference", "kept_requests", "requests_sha256"]
+__all__ = ["REFERENCE_FILE", "REQUESTS_FILE", "data_sha256", "kept_reference", "kept_requests", "requests_sha256"]
 
 REQUESTS_FILE = "requests.json"
 REFERENCE_FILE = "locality_reference.json"
@@ -53,15 +53,9 @@ _SCHEMAS = {
 T = TypeVar("T")
 
 
-def file_sha256(path: str | None) -> str:
-    """The SHA-256 of a file's bytes ("" for no file)."""
-    if not path:
-        return ""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def data_sha256(path: str | None) -> str:
+    """The data file's content hash (`hub.files.file_sha256`), "" when the requests come from no file."""
+    return file_sha256(path) if path else ""
 
 
 def requests_sha256(requests: list[EditRequest]) -> str:
@@ -94,7 +88,7 @@ def _kept(
 def kept_requests(folder: Path, key: dict[str, Any], make: Callable[[], list[EditRequest]]) -> list[EditRequest]:
     """The requests kept in `folder` under `key`, else `make()`'s, which are then kept.
 
-    `key` holds everything the requests depend on; `file_sha256` of the data file stands for its contents."""
+    `key` holds everything the requests depend on; `data_sha256` of the data file stands for its contents."""
     return _kept(
         folder / REQUESTS_FILE,
         key,

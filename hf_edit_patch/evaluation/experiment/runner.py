@@ -30,7 +30,7 @@ from ...progress import progress_bar
 from ..counterfactuals import unstated_counterfactuals
 from ..scoring import locality_reference
 from .config import ExperimentConfig, edit_settings, load_zsre, neutral_texts, parse_regularizer
-from .inputs import file_sha256, kept_reference, kept_requests
+from .inputs import data_sha256, kept_reference, kept_requests
 from .measures import Measures
 from .plots import plot_results
 from .results import ResultsFile, average_points, point_summary
@@ -84,7 +84,7 @@ class ExperimentRunner:
         c = self.config
         n = max(c.checkpoints)
         data = None if c.counterfactuals == "only" else c.data
-        key = {"n": n, "data_sha256": file_sha256(data), "seed": c.seed, "counterfactuals": c.counterfactuals,
+        key = {"n": n, "data_sha256": data_sha256(data), "seed": c.seed, "counterfactuals": c.counterfactuals,
                "model": c.model}  # fmt: skip
         return kept_requests(self.out, key, lambda: self._make_requests(n))
 
