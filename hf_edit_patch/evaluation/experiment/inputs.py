@@ -35,21 +35,19 @@ REQUESTS_FILE = "requests.json"
 REFERENCE_FILE = "locality_reference.json"
 _MAX_BYTES = 256 << 20
 _KEY = Map(AnyJSON(), max_length=64)
-_SCHEMAS = {
-    REQUESTS_FILE: Object(
-        {"key": _KEY, "value": List(Map(AnyJSON(), max_length=64), max_length=10_000_000)},
-        required=("key", "value"),
-        what="an experiment's requests file",
-    ),
-    REFERENCE_FILE: Object(
-        {
-            "key": _KEY,
-            "value": Map(List(Int(minimum=0), max_length=4096), max_length=10_000_000, key=Str(max_length=1 << 20)),
-        },
-        required=("key", "value"),
-        what="an experiment's locality reference file",
-    ),
-}
+_REQUESTS_SCHEMA = Object(
+    {"key": _KEY, "value": List(Map(AnyJSON(), max_length=64), max_length=10_000_000)},
+    required=("key", "value"),
+    what="an experiment's requests file",
+)
+_REFERENCE_SCHEMA = Object(
+    {
+        "key": _KEY,
+        "value": Map(List(Int(minimum=0), max_length=4096), max_length=10_000_000, key=Str(max_length=1 << 20)),
+    },
+    required=("key", "value"),
+    what="an experiment's locality reference file",
+)
 T = TypeVar("T")
 
 
@@ -65,13 +63,18 @@ def requests_sha256(requests: list[EditRequest]) -> str:
 
 
 def _kept(
-    path: Path, key: dict[str, Any], make: Callable[[], T], load: Callable[[Any], T], dump: Callable[[T], Any]
+    path: Path,
+    schema: Object,
+    key: dict[str, Any],
+    make: Callable[[], T],
+    load: Callable[[Any], T],
+    dump: Callable[[T], Any],
 ) -> T:
     """`load` of the value kept at `path` under `key`, else `make()`'s value, kept there under `key`."""
     if path.exists():
         try:
             kept = read_json(path, error=EvaluationFormatError, max_bytes=_MAX_BYTES)
-            kept = validate(_SCHEMAS[path.name], kept, source=str(path), error=EvaluationFormatError)
+            kept = validate(schema, kept, source=str(path), error=EvaluationFormatError)
             if kept["key"] == key:
                 value = load(kept["value"])
                 logger.info("read %s", path)
@@ -91,6 +94,7 @@ def kept_requests(folder: Path, key: dict[str, Any], make: Callable[[], list[Edi
     `key` holds everything the requests depend on; `data_sha256` of the data file stands for its contents."""
     return _kept(
         folder / REQUESTS_FILE,
+        _REQUESTS_SCHEMA,
         key,
         make,
         lambda rows: [EditRequest.from_dict(r) for r in rows],
@@ -104,6 +108,7 @@ def kept_reference(
     """The locality reference kept in `folder` for exactly these requests and model, else `make()`'s, then kept."""
     return _kept(
         folder / REFERENCE_FILE,
+        _REFERENCE_SCHEMA,
         {"requests_sha256": requests_sha256(requests), "model": model},
         make,
         lambda tokens: LocalityReference({p: tuple(t) for p, t in tokens.items()}),
