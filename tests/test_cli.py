@@ -52,10 +52,10 @@ def work(tmp_path_factory):
 def test_help_lists_every_command_and_the_exit_codes(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("edit", "apply", "inspect", "eval", "push", "stats", "demo", "experiment"):
+    for command in ("edit", "apply", "inspect", "consolidate", "eval", "push", "stats", "demo", "experiment"):
         assert command in out
     assert "exit codes:" in out and "2    a usage or input error" in out
-    for command in ("edit", "apply", "inspect", "eval", "push", "stats", "experiment"):
+    for command in ("edit", "apply", "inspect", "consolidate", "eval", "push", "stats", "experiment"):
         assert main([command, "--help"]) == 0
     assert main(["stats", "compute", "--help"]) == 0
     assert main(["no-such-command"]) == 2
@@ -304,8 +304,10 @@ def test_edit_with_a_searched_ratio_or_a_norm_budget(work, tmp_path):
 def test_help_names_every_method_the_default_budget_and_the_command(capsys):
     from hf_edit_patch import editing
     from hf_edit_patch.cli import patches
+    from hf_edit_patch.patch.stack_regularizers import registered_stack_regularizers
 
     assert set(patches.METHODS) == set(editing.METHODS)
+    assert registered_stack_regularizers() == patches.STACK_REGULARIZERS
     assert patches.DEFAULT_KEEP_RATIO == editing.DEFAULT_KEEP_RATIO
     assert main(["edit", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
@@ -422,3 +424,74 @@ def test_edit_a_model_spread_by_a_device_map_with_a_layer_on_disk(work, tmp_path
     with pytest.raises(ValueError, match="either device='cpu'"):
         load_default_model(work.model, device="cpu", device_map="auto")
 
+
+def test_edit_on_a_stack_records_it_as_parents_and_keeps_the_stack_bound(work, tmp_path, capsys):
+    out = tmp_path / "on"
+    bound = ["--stack-regularizer", "norm_anchor", "--stack-regularizer-kwargs", '{"alpha": 0.001}']
+    assert main(["edit", "--model", work.model, *EIFFEL, *FT_FAST, "--on", work.patch, *bound, "-o", str(out)]) == 0
+    assert "Editing on top of 1 patch(es): patch" in capsys.readouterr().out
+    below, new = hep.EditPatch.from_pretrained(work.patch), hep.EditPatch.from_pretrained(out)
+    assert [p["content_hash"] for p in new.config.parent_patches] == [below.config.content_hash]
+    assert new.config.stack_regularizer == {"name": "norm_anchor", "alpha": 0.001}
+    base = AutoModelForCausalLM.from_pretrained(work.model)
+    module = "model.layers.1.mlp.down_proj"
+    weight = base.get_submodule(module).weight.detach().clone()
+    pm = hep.PatchedModel(base).add_patch(below, "below").add_patch(new, "new", strict=True)
+    accumulated = float((pm.base_model.get_submodule(module).weight.detach() - weight).norm())
+    assert 0 < accumulated <= 0.001 * float(weight.norm()) * 1.001  # the bound holds for the stack, not the patch
+    assert float(below.deltas[module].to_dense().norm()) > 0.0015 * float(weight.norm())  # so the bound was binding
+
+    cases = [
+        (["--stack-regularizer-kwargs", '{"alpha": 0.1}'], "--stack-regularizer-kwargs needs --stack-regularizer"),
+        (["--stack-regularizer", "prune", "--stack-regularizer-kwargs", '{"alpha": 0.1}'], "takes the settings"),
+        (["--stack-regularizer", "svd"], "invalid choice"),
+        (["--on", str(tmp_path / "no-such-patch")], "neither an existing local folder"),
+    ]
+    for args, message in cases:
+        assert main(["edit", "--model", work.model, *EIFFEL, *FT_FAST, *args, "-o", str(tmp_path / "x")]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not (tmp_path / "x").exists()
+
+
+def test_consolidate_saves_the_stack_with_the_run_as_one_patch(work, tmp_path, capsys):
+    second = tmp_path / "second"
+    assert main(["edit", "--model", work.model, *EIFFEL, *FT_FAST, "--on", work.patch, "-o", str(second)]) == 0
+    out, pruned = tmp_path / "one", tmp_path / "pruned"
+    assert main(["consolidate", work.patch, str(second), "--model", work.model, "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Replaced 2 patch(es) (patch, second) by 'patch-second'" in text and "stack of 1 patch(es)" in text
+    patches = [hep.EditPatch.from_pretrained(p) for p in (work.patch, second)]
+    pm = hep.PatchedModel(AutoModelForCausalLM.from_pretrained(work.model))
+    for name, patch in zip(("patch", "second"), patches, strict=True):
+        pm.add_patch(patch, name)
+    expected = pm.consolidate()
+    saved = hep.PatchedModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work.model), out)
+    assert saved.active_patches == ["patch-second"]
+    ours = saved.patches["patch-second"]
+    assert ours.config.content_hash == expected.config.content_hash  # the library's consolidation, exactly
+    assert [c["content_hash"] for c in ours.config.consolidates] == [p.config.content_hash for p in patches]
+
+    args = ["--regularizer", "prune", "--regularizer-kwargs", '{"threshold": 0.0001}', "--name", "c"]
+    assert main(["consolidate", str(out), "--model", work.model, *args, "-o", str(pruned)]) == 0
+    restrained = hep.PatchedModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work.model), pruned)
+    assert restrained.active_patches == ["c"]
+    assert restrained.patches["c"].config.stack_regularizer == {"name": "prune", "threshold": 0.0001}
+    module = "model.layers.1.mlp.down_proj"
+    whole, bounded = (p.deltas[module].to_dense() for p in (ours, restrained.patches["c"]))
+    assert float(torch.linalg.matrix_norm(bounded, ord=2)) < float(torch.linalg.matrix_norm(whole, ord=2))
+
+    cases = [
+        (["--patches", "second", "third"], "--patches names ['third'], which the stack does not hold"),
+        (["--regularizer-kwargs", '{"threshold": 1}'], "--regularizer-kwargs needs --regularizer"),
+        (["--regularizer", "norm_anchor", "--regularizer-kwargs", '{"threshold": 1}'], "takes the settings"),
+    ]
+    for extra, message in cases:
+        argv = ["consolidate", work.patch, str(second), "--model", work.model, *extra, "-o", str(tmp_path / "x")]
+        assert main(argv) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "x").exists()
+    assert main(["consolidate", str(out), "--model", work.model, "-o", str(out)]) == 2
+    assert "is one of the patches read" in capsys.readouterr().err
+    assert hep.PatchedModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work.model), out).active_patches == [
+        "patch-second"
+    ]

@@ -5,6 +5,8 @@ hf-edit-patch edit --prompt "{} is located in the city of" --subject "The Eiffel
     --method rome --keep-ratio 0.4 --stats-dataset corpus.txt -o out/eiffel
 hf-edit-patch inspect out/eiffel --model default        # modules, sizes, provenance; fingerprints against SmolLM2
 hf-edit-patch apply out/eiffel --prompt "The Eiffel Tower is located in the city of"
+hf-edit-patch edit --requests more.json --on out/eiffel --stack-regularizer prune -o out/more   # on top of a patch
+hf-edit-patch consolidate out/eiffel out/more --regularizer prune -o out/one   # the two as one patch
 hf-edit-patch eval out/eiffel --tasks nli sentiment --task-limit 50 --task-data-dir data/tasks
 hf-edit-patch push out/eiffel user/eiffel-rome-rect      # the patch, its evaluation and card, in one commit
 hf-edit-patch stats compute --stats-dataset corpus.txt
@@ -25,7 +27,7 @@ from collections.abc import Sequence
 
 from ..errors import PatchNotFoundError
 from ..version import __version__
-from . import evaluate, experiment, export, patches, share
+from . import evaluate, experiment, export, patches, share, stacks
 from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError, library_bars_off
 
 __all__ = ["EPILOG", "build_parser", "main"]
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "turns them off too)",
     )
     patches.add_parsers(sub, common, EPILOG)
+    stacks.add_parsers(sub, common, EPILOG)
     export.add_parsers(sub, common, EPILOG)
     evaluate.add_parsers(sub, common, EPILOG)
     share.add_parsers(sub, common, EPILOG)

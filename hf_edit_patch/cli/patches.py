@@ -30,6 +30,8 @@ METHODS = ("rome", "memit", "ft", "alphaedit", "kn", "mend")
 """The editing methods (`hf_edit_patch.editing.METHODS`, kept here so that `--help` does not load torch)."""
 DEFAULT_KEEP_RATIO = 0.4
 """`hf_edit_patch.editing.DEFAULT_KEEP_RATIO`, for `--help` (a test keeps the two equal)."""
+STACK_REGULARIZERS = ("norm_anchor", "prune", "rect")
+"""The registered stack-level regularizers (`hf_edit_patch.patch.stack_regularizers`), for `--help`."""
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
@@ -89,6 +91,30 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
     )
     p.add_argument("--stats-cache-dir", default=None, help="key statistics cache (default: ~/.cache/hf_edit_patch)")
     p.add_argument("--value-dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
+    group = p.add_argument_group("editing on top of a stack")
+    group.add_argument(
+        "--on",
+        nargs="+",
+        metavar="PATCH",
+        default=None,
+        help="compute the edit on the model with these patches attached (folders or Hub ids, stacks too, in "
+        "order): the new patch records them as its parents and goes on top of them (apply PATCH... OUTPUT_DIR)",
+    )
+    group.add_argument(
+        "--stack-regularizer",
+        choices=STACK_REGULARIZERS,
+        default=None,
+        help="bound the accumulated update of the stack with the new patch on top: prune (singular values above "
+        "threshold x the weight's largest are compressed), norm_anchor (Frobenius norm at most alpha x the "
+        "weight's), rect (RECT on the accumulated update); see docs/lifelong.md",
+    )
+    group.add_argument(
+        "--stack-regularizer-kwargs",
+        default=None,
+        metavar="JSON",
+        help="its settings, e.g. '{\"threshold\": 0.5}' (prune), '{\"alpha\": 0.1}' (norm_anchor), "
+        "'{\"keep_ratio\": 0.4}' (rect)",
+    )
     p.add_argument(
         "--license", default=None, help="license id for the patch card (default: the base model's if known)"
     )
@@ -138,15 +164,27 @@ def run_edit(args: argparse.Namespace) -> int:
     from ..editing.entry import edit
     from ..hub.corpora import CLI_OPTION_NAMES, corpus_option_names
     from ..hub.stats_cache import StatsCache
+    from ..patched_model import PatchedModel
+    from ..patched_model.consolidate import stack_regularizer_record
 
     requests = read_requests(args, required=True)
     hparams = json_object(args.hparams, "--hparams")
+    stack_settings = json_object(args.stack_regularizer_kwargs, "--stack-regularizer-kwargs")
+    if stack_settings and args.stack_regularizer is None:
+        raise CLIError("--stack-regularizer-kwargs needs --stack-regularizer")
+    stack_regularizer_record(args.stack_regularizer, stack_settings)  # an unknown setting fails before the model
     if os.path.isfile(args.output_dir):
         raise CLIError(f"--output-dir {args.output_dir!r} is a file; give a folder")
     budget = {"keep_ratio": args.keep_ratio} if hasattr(args, "keep_ratio") else {}  # else edit()'s default
     if budget and args.norm_budget is not None:
         raise CLIError("give --keep-ratio or --norm-budget, not both")
+    below = read_patches(args.on, {}) if args.on else []  # before the model: a bad patch fails in a second
     model, tokenizer = load_model(args)
+    if below:
+        model = PatchedModel(model)
+        for name, _, patch in below:
+            model.add_patch(patch, name)
+        say(f"Editing on top of {len(below)} patch(es): {', '.join(model.active_patches)}")
     with corpus_option_names(CLI_OPTION_NAMES):  # errors about the corpus name this command's flags
         patch = edit(
             model,
@@ -163,6 +201,8 @@ def run_edit(args: argparse.Namespace) -> int:
             stats_cache=StatsCache(args.stats_cache_dir) if args.stats_cache_dir else None,
             value_dtype=args.value_dtype,
             show_progress=show_progress(args),
+            stack_regularizer=args.stack_regularizer,
+            stack_regularizer_kwargs=stack_settings or None,
         )
     patch.save_pretrained(args.output_dir, license=args.license, overwrite_card=args.overwrite_card)
     numel = sum(d.numel for d in patch.deltas.values())
