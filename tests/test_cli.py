@@ -495,3 +495,33 @@ def test_consolidate_saves_the_stack_with_the_run_as_one_patch(work, tmp_path, c
     assert hep.PatchedModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work.model), out).active_patches == [
         "patch-second"
     ]
+
+
+def test_inspect_a_stack_against_the_model_reports_its_accumulated_update(work, tmp_path, capsys):
+    second = tmp_path / "second"
+    assert main(["edit", "--model", work.model, *EIFFEL, *FT_FAST, "--on", work.patch, "-o", str(second)]) == 0
+    base = AutoModelForCausalLM.from_pretrained(work.model)
+    module = "model.layers.1.mlp.down_proj"
+    weight = base.get_submodule(module).weight.detach().double().clone()
+    pm = hep.PatchedModel(base)
+    for name in ("patch", "second"):
+        pm.add_patch(hep.EditPatch.from_pretrained(work.patch if name == "patch" else second), name)
+    pm.save_pretrained(tmp_path / "stack")
+    total = sum(p.deltas[module].to_dense(torch.float64) for p in pm.patches.values())
+    capsys.readouterr()
+
+    assert main(["inspect", str(tmp_path / "stack"), "--model", work.model, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    checks = [c["status"] for p in info["patches"] for c in p["fingerprint_check"]]
+    assert checks == ["match", "match"]  # the second patch is checked on the weights with the first one attached
+    assert list(info["accumulated"]) == [module]
+    assert info["accumulated"][module]["rel_fro"] == pytest.approx(float(total.norm() / weight.norm()), rel=1e-5)
+    assert main(["inspect", str(tmp_path / "stack"), "--model", work.model]) == 0
+    text = capsys.readouterr().out
+    assert "The stack's accumulated update ΣΔW against the model's weights W" in text and "‖ΣΔW‖/‖W‖" in text
+    assert main(["inspect", str(tmp_path / "stack")]) == 0
+    assert "ΣΔW" not in capsys.readouterr().out  # without --model there is no weight to measure against
+    assert main(["inspect", str(tmp_path / "stack"), "--model", str(work.root / "other-model"), "--json"]) == 1
+    out = capsys.readouterr()
+    assert "accumulated" not in json.loads(out.out)  # computed on other weights: not measured
+    assert "Fingerprint check failed" in out.err

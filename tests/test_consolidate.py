@@ -233,3 +233,26 @@ def test_edit_and_patched_model_edit_take_a_stack_regularizer():
     with pytest.raises(PatchError, match="unknown stack regularizer"):
         hep.edit(pm, tok, [req], method="ft", hparams=ft, stack_regularizer="nope")
     pm.unload()
+
+
+def test_stack_update_stats_measure_the_whole_stack_against_the_weights_under_it():
+    from hf_edit_patch.evaluation.accumulated import accumulated_update_stats, stack_update_stats
+
+    model = make_llama()
+    base = snapshot(model)
+    pm, patches = stack_of_four(model)
+    stacked = snapshot(model)
+    stats = stack_update_stats(pm)
+    assert list(stats) == [DOWN0, DOWN1, UP1]  # every module a patch changes, in the order they are first changed
+    assert_state_equal(model, stacked)  # measured from the undo data, the model untouched
+    reference = accumulated_update_stats({f"{m}.weight": base[f"{m}.weight"] for m in stats}, pm)
+    for module, st in stats.items():
+        assert st == reference[f"{module}.weight"]
+        total = sum(p.deltas[module].to_dense(torch.float64) for p in patches if module in p.deltas)
+        w = base[f"{module}.weight"].double()
+        assert st["rel_fro"] == pytest.approx(float(total.norm() / w.norm()), rel=1e-5)
+        assert st["rel_fro"] > 0
+    with pm.disable_patches():
+        assert all(st["fro"] == 0 for st in stack_update_stats(pm).values())
+    with pytest.raises(TypeError, match="takes a PatchedModel"):
+        stack_update_stats(model)

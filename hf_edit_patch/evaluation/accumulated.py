@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["accumulated_update_stats"]
+__all__ = ["accumulated_update_stats", "stack_update_stats"]
 
 
 def _cond(s: torch.Tensor) -> float | None:
@@ -52,23 +52,51 @@ def accumulated_update_stats(before: Mapping[str, torch.Tensor], model: nn.Modul
     for name, w0 in before.items():
         if name not in params:
             raise KeyError(f"{name!r} is not a parameter of the model")
-        now = params[name].detach().to(torch.float64)
-        w0 = w0.detach().to(now.device, torch.float64)
-        delta = now - w0
-        s_delta = torch.linalg.svdvals(delta)
-        s_before = torch.linalg.svdvals(w0)
-        s_now = torch.linalg.svdvals(now)
-        tol = max(delta.shape) * torch.finfo(torch.float64).eps * float(s_delta[0]) if s_delta.numel() else 0.0
-        kept = s_delta[s_delta > tol]
-        fro, fro_before = float(torch.linalg.vector_norm(delta)), float(torch.linalg.vector_norm(w0))
-        out[name] = {
-            "fro": fro,
-            "rel_fro": fro / fro_before if fro_before else None,
-            "spectral": float(s_delta[0]),
-            "rel_spectral": float(s_delta[0] / s_before[0]) if float(s_before[0]) else None,
-            "rank": int(kept.numel()),
-            "cond_update": _cond(kept),
-            "cond_before": _cond(s_before),
-            "cond_edited": _cond(s_now),
-        }
+        out[name] = _update_stats(w0, params[name])
     return out
+
+
+def stack_update_stats(pm: Any) -> dict[str, dict[str, Any]]:
+    """`accumulated_update_stats` of a `PatchedModel`'s active patches, per module they change, against the weights
+    under the stack (read from its undo data, bit for bit; the model is not touched).
+
+    Keyed by module name (`model.layers.5.mlp.down_proj`), in the order the patches first change them.
+
+    Example:
+        ```python
+        >>> stack_update_stats(pm)["model.layers.5.mlp.down_proj"]["rel_fro"]  # doctest: +SKIP
+        1.79
+        ```
+    """
+    from ..modules import resolve_weight
+    from ..patched_model.consolidate import weights_under
+    from ..patched_model.stack import stack_of
+
+    if not getattr(pm, "is_patched_model", False):
+        raise TypeError(f"stack_update_stats takes a PatchedModel, got {type(pm).__name__}")
+    modules = list(dict.fromkeys(m for patch in pm.patches.values() for m in patch.deltas))
+    with pm.lock:
+        under = weights_under(pm.base_model, stack_of(pm.base_model), modules, 0)
+        return {m: _update_stats(under[m], resolve_weight(pm.base_model, m)[1]) for m in modules}
+
+
+def _update_stats(w0: torch.Tensor, now: torch.Tensor) -> dict[str, Any]:
+    now = now.detach().to(torch.float64)
+    w0 = w0.detach().to(now.device, torch.float64)
+    delta = now - w0
+    s_delta = torch.linalg.svdvals(delta)
+    s_before = torch.linalg.svdvals(w0)
+    s_now = torch.linalg.svdvals(now)
+    tol = max(delta.shape) * torch.finfo(torch.float64).eps * float(s_delta[0]) if s_delta.numel() else 0.0
+    kept = s_delta[s_delta > tol]
+    fro, fro_before = float(torch.linalg.vector_norm(delta)), float(torch.linalg.vector_norm(w0))
+    return {
+        "fro": fro,
+        "rel_fro": fro / fro_before if fro_before else None,
+        "spectral": float(s_delta[0]),
+        "rel_spectral": float(s_delta[0] / s_before[0]) if float(s_before[0]) else None,
+        "rank": int(kept.numel()),
+        "cond_update": _cond(kept),
+        "cond_before": _cond(s_before),
+        "cond_edited": _cond(s_now),
+    }
