@@ -256,3 +256,30 @@ def test_stack_update_stats_measure_the_whole_stack_against_the_weights_under_it
         assert all(st["fro"] == 0 for st in stack_update_stats(pm).values())
     with pytest.raises(TypeError, match="takes a PatchedModel"):
         stack_update_stats(model)
+
+
+def test_a_patch_records_every_setting_of_its_stack_regularizer_defaults_included():
+    from hf_edit_patch.patched_model.consolidate import stack_regularizer_record
+    from hf_edit_patch.regularizers.stack import DEFAULT_ALPHA, DEFAULT_THRESHOLD
+
+    assert stack_regularizer_record("prune", None) == {"name": "prune", "threshold": DEFAULT_THRESHOLD}
+    assert stack_regularizer_record("prune", {"threshold": 2.0}) == {"name": "prune", "threshold": 2.0}
+    assert stack_regularizer_record("norm_anchor", {}) == {"name": "norm_anchor", "alpha": DEFAULT_ALPHA}
+    assert stack_regularizer_record("rect", {"keep_ratio": 0.4}) == {"name": "rect", "keep_ratio": 0.4}
+    assert stack_regularizer_record(None, None) is None
+
+    model = make_llama()
+    pm = hep.PatchedModel(model)
+    w = param(model, DOWN0).detach().clone()
+    big = random_patch(pm, (DOWN0,), keep_ratio=None, regularizer=None, scale=5.0, seed=3)
+    pm.add_patch(big, "big")
+    c = pm.consolidate(["big"], regularizer="prune")  # the default threshold, applied and recorded
+    assert c.config.stack_regularizer == {"name": "prune", "threshold": DEFAULT_THRESHOLD}
+    sigma_w = float(torch.linalg.matrix_norm(w.double(), ord=2))
+    s = torch.linalg.svdvals(c.deltas[DOWN0].to_dense(torch.float64))
+    tau = DEFAULT_THRESHOLD * sigma_w
+    s_big = torch.linalg.svdvals(big.deltas[DOWN0].to_dense(torch.float64))
+    assert float(s_big[0]) > tau  # so the default bound binds here
+    expected = torch.where(s_big > tau, tau * (1 + torch.log(s_big / tau)), s_big)
+    torch.testing.assert_close(s, expected, rtol=1e-4, atol=1e-5)
+    pm.unload()

@@ -81,6 +81,17 @@ def stack_regularizer_settings(regularizer: str) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.name != "name" and p.kind is not p.VAR_KEYWORD)
 
 
+def stack_regularizer_defaults(regularizer: str) -> dict[str, Any]:
+    """The default values of a registered stack regularizer's settings (those that have one other than None)."""
+    fn = _REGISTRY[check_stack_regularizer(regularizer)]
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.name != "name" and p.kind is not p.VAR_KEYWORD and p.default not in (p.empty, None)
+    }
+
+
 def stack_regularize(
     delta: torch.Tensor,
     weight: torch.Tensor,

@@ -35,7 +35,12 @@ from ..errors import PatchError
 from ..modules import resolve_weight
 from ..patch.edit_patch import EditPatch
 from ..patch.encoding import fingerprint
-from ..patch.stack_regularizers import check_stack_regularizer, stack_regularize, stack_regularizer_settings
+from ..patch.stack_regularizers import (
+    check_stack_regularizer,
+    stack_regularize,
+    stack_regularizer_defaults,
+    stack_regularizer_settings,
+)
 from .stack import PatchStack, stack_of
 
 logger = logging.getLogger(__name__)
@@ -135,7 +140,8 @@ def consolidated_name(names: Sequence[str]) -> str:
 
 
 def stack_regularizer_record(regularizer: str | None, settings: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """What a patch records of a stack regularizer: `{"name": ..., **settings}`, checked; None for none.
+    """What a patch records of a stack regularizer: `{"name": ..., **settings}` with the defaults of the settings not
+    given filled in (so the record says what was applied whatever later defaults become), checked; None for none.
 
     Raises:
         PatchError: an unknown regularizer or setting, or settings without a regularizer.
@@ -152,7 +158,7 @@ def stack_regularizer_record(regularizer: str | None, settings: Mapping[str, Any
             f"stack regularizer {regularizer!r} takes the settings {stack_regularizer_settings(regularizer)}, got "
             f"{unknown}"
         )
-    return {"name": regularizer, **settings}
+    return {"name": regularizer, **stack_regularizer_defaults(regularizer), **settings}
 
 
 def _by_name(record: dict[str, Any] | None) -> Regularize | None:

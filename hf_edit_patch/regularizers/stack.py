@@ -47,8 +47,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "norm_anchor", "prune_restrain", "rect_accumulated"]
 
-DEFAULT_THRESHOLD = 1.0
-"""`prune`: singular values of the accumulated update above this multiple of the weight's largest are compressed."""
+DEFAULT_THRESHOLD = 0.5
+"""`prune`: singular values of the accumulated update above this multiple of the weight's largest are compressed.
+
+0.5 is the setting measured to 1,000 sequential ROME edits on SmolLM2-135M (docs/results.md, "Lifelong editing"):
+reliability 0.298 against 0.014 unregularized, KL drift 0.14 against 10.5 nats, the general tasks at the base
+model's level. It binds from the first edits (0.87 against 0.95 reliability at 10 edits); 1.0 leaves short stacks
+as they are."""
 DEFAULT_ALPHA = 0.1
 """`norm_anchor`: the accumulated update's Frobenius norm is bounded by this fraction of the weight's."""
 
