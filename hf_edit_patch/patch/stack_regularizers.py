@@ -74,22 +74,21 @@ def check_stack_regularizer(name: Any) -> str:
     return name
 
 
-def stack_regularizer_settings(regularizer: str) -> tuple[str, ...]:
-    """The names of the settings a registered stack regularizer takes (its keyword arguments besides `name`)."""
+def _setting_parameters(regularizer: str) -> list[inspect.Parameter]:
+    """A registered stack regularizer's settings: its keyword arguments after (delta, weight), besides `name`."""
     fn = _REGISTRY[check_stack_regularizer(regularizer)]
     params = list(inspect.signature(fn).parameters.values())[2:]
-    return tuple(p.name for p in params if p.name != "name" and p.kind is not p.VAR_KEYWORD)
+    return [p for p in params if p.name != "name" and p.kind is not p.VAR_KEYWORD]
+
+
+def stack_regularizer_settings(regularizer: str) -> tuple[str, ...]:
+    """The names of the settings a registered stack regularizer takes (its keyword arguments besides `name`)."""
+    return tuple(p.name for p in _setting_parameters(regularizer))
 
 
 def stack_regularizer_defaults(regularizer: str) -> dict[str, Any]:
     """The default values of a registered stack regularizer's settings (those that have one other than None)."""
-    fn = _REGISTRY[check_stack_regularizer(regularizer)]
-    params = list(inspect.signature(fn).parameters.values())[2:]
-    return {
-        p.name: p.default
-        for p in params
-        if p.name != "name" and p.kind is not p.VAR_KEYWORD and p.default not in (p.empty, None)
-    }
+    return {p.name: p.default for p in _setting_parameters(regularizer) if p.default not in (p.empty, None)}
 
 
 def stack_regularize(
