@@ -1,0 +1,139 @@
+"""Benchmark (not a test) of the `prune` stack regularizer on one module, against an SVD baseline in the same run.
+
+Applied per edit (`stack_regularizer="prune"`), `prune` runs on every edited module after every edit, so its cost
+adds to each edit's: it needs σ_max(W) and the singular values of the accumulated update ΔW above τ, with their
+vectors. The baseline computes them as the definition reads: `torch.linalg.matrix_norm(W, ord=2)` and a full
+float32 SVD of ΔW. `prune_restrain` takes them from a float64 symmetric eigendecomposition of the Gram matrix on the
+smaller side, skipping it when ‖ΔW‖_F ≤ τ.
+
+Cases (`--cases`), weights W random normal with std 0.02 in the `nn.Linear` layout [out, in]:
+
+* `smollm2`: SmolLM2-135M's `down_proj`, 576×1536;
+* `llama7b`: LLaMA-7B's `down_proj`, 4096×11008;
+* `llama70b`: LLaMA-70B's `down_proj`, 8192×28672 (minutes per run on a CPU).
+
+Updates (`--updates`), each a matrix of W's shape with random singular vectors:
+
+* `binding`: rank 200 with σᵢ = 2 σ_max(W) · 0.9^i, so its 14 largest exceed τ = 0.5 σ_max(W), as in a long
+  stack of edits;
+* `under`: rank 50 with every σᵢ = 0.45 σ_max(W): no singular value over τ, but ‖ΔW‖_F over it, so the spectrum
+  must be computed to find that nothing changes;
+* `small`: the `under` update scaled to ‖ΔW‖_F < τ.
+
+Reported per (case, update): the median time of the baseline and of `prune_restrain` over `--repeats` runs after a
+warm-up run (`--no-warmup`: none), their ratio, and the largest difference between the two results relative to
+max |ΔW|.
+
+Usage:
+    .venv/bin/python scripts/bench_stack_regularizers.py
+    .venv/bin/python scripts/bench_stack_regularizers.py --cases llama7b --repeats 1 --no-warmup --threads 1
+    .venv/bin/python scripts/bench_stack_regularizers.py --device cuda --cases llama7b llama70b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from hf_edit_patch.regularizers.stack import prune_restrain
+
+CASES = {"smollm2": (576, 1536), "llama7b": (4096, 11008), "llama70b": (8192, 28672)}
+UPDATES = ("binding", "under", "small")
+THRESHOLD = 0.5
+WEIGHT_STD = 0.02
+
+
+def prune_by_svd(delta: torch.Tensor, weight: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The baseline: σ_max(W) by `matrix_norm(ord=2)` and a full float32 SVD of ΔW."""
+    tau = threshold * float(torch.linalg.matrix_norm(weight.float(), ord=2))
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    big = s > tau
+    if not bool(big.any()):
+        return delta
+    s_big = s[big]
+    return delta - (u[:, big] * (s_big - tau * (1.0 + torch.log(s_big / tau)))) @ vh[big]
+
+
+def update(kind: str, shape: tuple[int, int], sigma_w: float, gen: torch.Generator, device: str) -> torch.Tensor:
+    rank = 200 if kind == "binding" else 50
+    if kind == "binding":
+        sigmas = 2.0 * sigma_w * 0.9 ** torch.arange(rank, dtype=torch.float64)
+    else:
+        sigmas = torch.full((rank,), 0.45 * sigma_w, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(shape[0], rank, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(shape[1], rank, generator=gen, dtype=torch.float64))[0]
+    delta = ((u * sigmas) @ v.T).float()
+    if kind == "small":
+        delta *= 0.9 * THRESHOLD * sigma_w / float(delta.norm())
+    return delta.to(device)
+
+
+def timed(fn: Callable[[], torch.Tensor], repeats: int, device: str, warmup: bool) -> tuple[float, torch.Tensor]:
+    def once() -> tuple[float, torch.Tensor]:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    if warmup:
+        once()
+    runs = [once() for _ in range(repeats)]
+    return statistics.median(t for t, _ in runs), runs[-1][1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["smollm2", "llama7b"])
+    parser.add_argument("--updates", nargs="+", choices=UPDATES, default=list(UPDATES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="time the first run too (for the large cases on a CPU, where one run takes minutes)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, device {args.device}, "
+          f"{torch.get_num_threads()} thread(s), median of {args.repeats}")  # fmt: skip
+    print("| case | shape | update | over τ | SVD baseline s | prune_restrain s | speed-up | max diff / max abs ΔW |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for case in args.cases:
+        shape = CASES[case]
+        gen = torch.Generator().manual_seed(0)
+        weight = (WEIGHT_STD * torch.randn(shape, generator=gen)).to(args.device)
+        sigma_w = float(torch.linalg.matrix_norm(weight, ord=2))
+        for kind in args.updates:
+            delta = update(kind, shape, sigma_w, gen, args.device)
+            over = int((torch.linalg.svdvals(delta.double()) > THRESHOLD * sigma_w).sum())
+            baseline = partial(prune_by_svd, delta, weight, THRESHOLD)
+            ours = partial(prune_restrain, delta, weight, threshold=THRESHOLD)
+            base_s, expected = timed(baseline, args.repeats, args.device, args.warmup)
+            ours_s, got = timed(ours, args.repeats, args.device, args.warmup)
+            diff = float((got - expected).abs().max() / delta.abs().max())
+            row = {"case": case, "shape": list(shape), "update": kind, "over_tau": over, "baseline_s": base_s,
+                   "prune_restrain_s": ours_s, "speedup": base_s / ours_s, "max_rel_diff": diff}  # fmt: skip
+            rows.append(row)
+            print(f"| {case} | {shape[0]}×{shape[1]} | {kind} | {over} | {base_s:.3f} | {ours_s:.3f} | "
+                  f"{base_s / ours_s:.1f}× | {diff:.1e} |")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
