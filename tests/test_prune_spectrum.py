@@ -88,3 +88,15 @@ def test_largest_singular_value_matches_the_svd(shape, dtype):
     expected = float(torch.linalg.svdvals(m.double())[0])
     assert largest_singular_value(m) == pytest.approx(expected, rel=1e-12)
     assert largest_singular_value(torch.zeros(shape, dtype=dtype)) == 0.0
+
+
+def test_a_weight_changed_in_place_gets_its_own_spectrum():
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(30, 50, generator=gen)
+    delta = 4.0 * torch.randn(30, 50, generator=gen)
+    first = prune_restrain(delta, weight, threshold=0.5)
+    torch.testing.assert_close(prune_restrain(delta, weight, threshold=0.5), first, rtol=0, atol=0)  # remembered σ
+    weight.mul_(2.0)  # the same tensor object, twice the spectrum: τ doubles
+    again = prune_restrain(delta, weight, threshold=0.5)
+    torch.testing.assert_close(again, prune_by_svd(delta, weight, 0.5), rtol=2e-5, atol=2e-5)
+    assert float((again - first).abs().max()) > 0.1

@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections import OrderedDict
 
 import torch
 
 from ..errors import PatchError
+from ..patch.encoding import fingerprint
 from ..patch.sparsifiers import sparsify
 from ..patch.stack_regularizers import register_stack_regularizer
 
@@ -80,8 +83,9 @@ def prune_restrain(
     Only the components above τ change: the result is ΔW − Σ_{σᵢ > τ} (σᵢ − σ'ᵢ) uᵢ vᵢᵀ. The singular values above τ
     and their vectors on the smaller side come from the symmetric eigendecomposition of ΔW ΔWᵀ (or ΔWᵀ ΔW) in
     float64, the other side's vectors never being formed: at a 4096×11008 matrix this is several times cheaper than
-    an SVD (`scripts/bench_stack_regularizers.py`), and as accurate where it matters, the directions over τ. Returns
-    `delta` itself when no singular value exceeds τ, found without any decomposition when ‖ΔW‖_F ≤ τ.
+    an SVD (`scripts/bench_stack_regularizers.py`), and as accurate where it matters, the directions over τ. σ_max(W)
+    is remembered by W's content hash, so a stack's later edits on the same base weight do not compute it again.
+    Returns `delta` itself when no singular value exceeds τ, found without any decomposition when ‖ΔW‖_F ≤ τ.
 
     Args:
         delta: the accumulated update ΔW (float32), in the module's layout (singular values do not depend on it).
@@ -95,7 +99,7 @@ def prune_restrain(
         ```
     """
     threshold = _positive(threshold, "threshold", name)
-    tau = threshold * largest_singular_value(weight)
+    tau = threshold * _largest_singular_value_of_weight(weight)
     if tau <= 0.0:
         raise PatchError(f"{name}: the weight is zero, so its spectrum gives no bound for 'prune'")
     if float(torch.linalg.vector_norm(delta.to(torch.float32))) <= tau:  # σ_max(ΔW) ≤ ‖ΔW‖_F
@@ -135,6 +139,30 @@ def largest_singular_value(matrix: torch.Tensor) -> float:
     a = _float64(matrix)
     gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
     return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0))
+
+
+_SIGMA_MAX: OrderedDict[str, float] = OrderedDict()  # fingerprint of a weight -> its σ_max, most recent last
+_SIGMA_MAX_ENTRIES = 256
+_SIGMA_MAX_LOCK = threading.Lock()
+
+
+def _largest_singular_value_of_weight(weight: torch.Tensor) -> float:
+    """`largest_singular_value(weight)`, remembered by the weight's content hash for the weights seen last.
+
+    Per edit, `prune` meets the same base weight again and again: hashing it (~0.1 s at 4096×11008) replaces the
+    eigensolve (tens of seconds on a CPU). The value is the same either way, so the cache changes no result.
+    """
+    key = fingerprint(weight)
+    with _SIGMA_MAX_LOCK:
+        if key in _SIGMA_MAX:
+            _SIGMA_MAX.move_to_end(key)
+            return _SIGMA_MAX[key]
+    sigma = largest_singular_value(weight)
+    with _SIGMA_MAX_LOCK:
+        _SIGMA_MAX[key] = sigma
+        while len(_SIGMA_MAX) > _SIGMA_MAX_ENTRIES:
+            _SIGMA_MAX.popitem(last=False)
+    return sigma
 
 
 def _float64(t: torch.Tensor) -> torch.Tensor:
