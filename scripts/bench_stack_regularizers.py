@@ -25,6 +25,10 @@ the baseline; `largest_singular_value(W)`, which `prune_restrain` pays on the fi
 on a later edit (σ_max(W) remembered); the speed-up of a later edit and of the first; and the largest difference
 between the two results relative to max |ΔW|.
 
+A second table times what per-edit stack regularization computes on every edit besides the regularizer: the weights
+under the stack (`weights_under`), for `--stack-patches` dense patches and as many RECT 40% patches on one
+SmolLM2-shaped matrix, against writing every patch's undo data back top first.
+
 Usage:
     .venv/bin/python scripts/bench_stack_regularizers.py
     .venv/bin/python scripts/bench_stack_regularizers.py --cases llama7b --repeats 1 --no-warmup --threads 1
@@ -42,7 +46,11 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from torch import nn
 
+import hf_edit_patch as hep
+from hf_edit_patch.patched_model.consolidate import weights_under
+from hf_edit_patch.patched_model.stack import stack_of
 from hf_edit_patch.regularizers.stack import largest_singular_value, prune_restrain
 
 CASES = {"smollm2": (576, 1536), "llama7b": (4096, 11008), "llama70b": (8192, 28672)}
@@ -101,19 +109,29 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="time the first run too (for the large cases on a CPU, where one run takes minutes)")
+    parser.add_argument("--stack-patches", type=int, default=200,
+                        help="patches in the stacks whose base weights are timed (0: skip that table)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    rows = prune_table(args)
+    stack_rows = stack_table(args) if args.stack_patches > 0 else []
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+                       "stack_rows": stack_rows}, f, indent=2)  # fmt: skip
 
+
+def prune_table(args: argparse.Namespace) -> list[dict]:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, device {args.device}, "
           f"{torch.get_num_threads()} thread(s), median of {args.repeats}")  # fmt: skip
     print("| case | shape | update | over τ | SVD baseline s | σ_max(W) s | prune_restrain s | speed-up | "
           "first edit | max diff / max abs ΔW |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
+    rows: list[dict] = []
     for case in args.cases:
         shape = CASES[case]
         gen = torch.Generator().manual_seed(0)
@@ -136,9 +154,46 @@ def main() -> None:
             rows.append(row)
             print(f"| {case} | {shape[0]}×{shape[1]} | {kind} | {over} | {base_s:.3f} | {sigma_s:.3f} | "
                   f"{ours_s:.3f} | {base_s / ours_s:.1f}× | {first:.1f}× | {diff:.1e} |")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+    return rows
+
+
+def under_top_first(model: nn.Module, stack, module: str) -> torch.Tensor:
+    """The baseline: every patch's undo data written back, top patch first."""
+    weight = model.get_submodule(module).weight.detach().clone()
+    for name in reversed(list(stack.patches)):
+        for applied in reversed(stack.applied.get(name, [])):
+            if applied.module == module:
+                weight.view(-1)[applied.flat] = applied.original.to(weight.dtype)
+    return weight
+
+
+def stack_table(args: argparse.Namespace) -> list[dict]:
+    """The weights under a stack of `--stack-patches` edits of one SmolLM2-shaped matrix, needed by every edit."""
+    rows_out, cols_in = CASES["smollm2"]
+    print(f"\nThe weights under a stack of {args.stack_patches} patches on one {rows_out}×{cols_in} matrix "
+          "(`weights_under`, what per-edit `stack_regularizer=` computes on every edit)")  # fmt: skip
+    print("| patches | top-first baseline s | weights_under s | speed-up | equal |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for kind, kwargs in (("dense", {"regularizer": None}), ("rect 0.4", {"regularizer": "rect", "keep_ratio": 0.4})):
+        model = nn.Sequential(nn.Linear(cols_in, rows_out, bias=False)).to(args.device)
+        pm = hep.PatchedModel(model)
+        gen = torch.Generator().manual_seed(1)
+        for i in range(args.stack_patches):
+            delta = 1e-4 * torch.randn(rows_out, cols_in, generator=gen)
+            patch = hep.EditPatch.from_deltas({"0": delta}, model, value_dtype="float32", show_progress=False,
+                                              **kwargs)  # fmt: skip
+            pm.add_patch(patch, f"edit{i}")
+        stack = stack_of(model)
+        base_s, expected = timed(partial(under_top_first, model, stack, "0"), args.repeats, args.device, args.warmup)
+        ours = partial(lambda m, st: weights_under(m, st, ["0"], 0)["0"], model, stack)
+        ours_s, got = timed(ours, args.repeats, args.device, args.warmup)
+        equal = torch.equal(got, expected)
+        rows.append({"patches": kind, "n": args.stack_patches, "baseline_s": base_s, "weights_under_s": ours_s,
+                     "speedup": base_s / ours_s, "equal": equal})  # fmt: skip
+        print(f"| {args.stack_patches} {kind} | {base_s:.3f} | {ours_s:.3f} | {base_s / ours_s:.1f}× | {equal} |")
+        pm.unload()
+    return rows
 
 
 if __name__ == "__main__":

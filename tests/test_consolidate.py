@@ -14,7 +14,8 @@ import hf_edit_patch as hep
 from hf_edit_patch.errors import PatchError
 from hf_edit_patch.patch.encoding import fingerprint
 from hf_edit_patch.patch.stack_regularizers import registered_stack_regularizers, stack_regularize
-from hf_edit_patch.patched_model.consolidate import stack_regularized_patch
+from hf_edit_patch.patched_model.consolidate import stack_regularized_patch, weights_under
+from hf_edit_patch.patched_model.stack import stack_of
 
 DOWN0, DOWN1, UP1 = LLAMA_TARGETS
 
@@ -282,4 +283,38 @@ def test_a_patch_records_every_setting_of_its_stack_regularizer_defaults_include
     assert float(s_big[0]) > tau  # so the default bound binds here
     expected = torch.where(s_big > tau, tau * (1 + torch.log(s_big / tau)), s_big)
     torch.testing.assert_close(s, expected, rtol=1e-4, atol=1e-5)
+    pm.unload()
+
+
+def naive_weights_under(model, stack, modules, position):
+    """The definition: the current weights with the undo data of every patch above `position` written top first."""
+    out = {}
+    for module in modules:
+        weight = param(model, module).detach().clone()
+        for name in reversed(list(stack.patches)[position:]):
+            for applied in reversed(stack.applied.get(name, [])):
+                if applied.module == module:
+                    weight.view(-1)[applied.flat] = applied.original.to(weight.dtype)
+        out[module] = weight
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_weights_under_any_position_equal_the_undo_data_written_top_first(dtype):
+    model = make_llama().to(dtype)
+    base = snapshot(model)
+    pm = hep.PatchedModel(model)
+    targets = [(DOWN0, UP1), (DOWN0,), (DOWN1, UP1), (DOWN0, DOWN1), (UP1,)]
+    for i, t in enumerate(targets):  # sparse, overlapping patches, one of them dense
+        pm.add_patch(random_patch(pm, t, keep_ratio=1.0 if i == 2 else 0.3, seed=40 + i), f"p{i}")
+    stack = stack_of(model)
+    for position in range(len(targets) + 1):
+        got = weights_under(model, stack, LLAMA_TARGETS, position)
+        want = naive_weights_under(model, stack, LLAMA_TARGETS, position)
+        for module in LLAMA_TARGETS:
+            assert torch.equal(got[module], want[module]), (position, module)
+    for module in LLAMA_TARGETS:
+        assert torch.equal(weights_under(model, stack, [module], 0)[module], base[f"{module}.weight"])
+    with pm.disable_patches():  # nothing applied: the weights as they are
+        assert torch.equal(weights_under(model, stack, [DOWN0], 0)[DOWN0], base[f"{DOWN0}.weight"])
     pm.unload()

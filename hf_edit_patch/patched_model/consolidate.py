@@ -66,17 +66,21 @@ def weights_under(
     """Copies of the weights of `modules` with only the patches below `position` applied, bit for bit.
 
     The current weights, with the values the patches at positions >= `position` overwrote written back top patch
-    first (their undo data: exact whatever the dtype). The model is not touched. Hold the stack's lock.
+    first (their undo data: exact whatever the dtype). A patch that wrote every entry of a weight saved all of it, so
+    the patches above the lowest such one are skipped: on a stack of dense updates (ROME, MEMIT) one write gives the
+    weights under the run, however many patches lie above it. The model is not touched. Hold the stack's lock.
     """
     above = list(stack.patches)[position:]
     out = {}
     for module in modules:
         weight = resolve_weight(model, module)[1].detach().clone()
         flat = weight.view(-1)
-        for name in reversed(above):
-            for applied in reversed(stack.applied.get(name, [])):  # a patch not applied (disabled) wrote nothing
-                if applied.module == module:
-                    flat[applied.flat.to(weight.device)] = applied.original.to(weight.device, weight.dtype)
+        writes = [a for name in above for a in stack.applied.get(name, []) if a.module == module]  # none if disabled
+        dense = next((k for k, a in enumerate(writes) if a.flat.numel() == flat.numel()), None)  # indices are unique
+        if dense is not None:
+            writes = writes[: dense + 1]
+        for applied in reversed(writes):
+            flat[applied.flat.to(weight.device)] = applied.original.to(weight.device, weight.dtype)
         out[module] = weight
     return out
 
