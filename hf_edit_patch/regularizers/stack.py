@@ -105,8 +105,8 @@ def prune_restrain(
     if float(torch.linalg.vector_norm(delta.to(torch.float32))) <= tau:  # σ_max(ΔW) ≤ ‖ΔW‖_F
         return delta
     a = _float64(delta)
-    wide = a.shape[0] <= a.shape[1]
-    eigenvalues, vectors = torch.linalg.eigh(a @ a.T if wide else a.T @ a)
+    gram, wide = _gram(a)
+    eigenvalues, vectors = torch.linalg.eigh(gram)
     s = eigenvalues.clamp_min(0.0).sqrt()
     big = s > tau
     if not bool(big.any()):
@@ -136,8 +136,7 @@ def largest_singular_value(matrix: torch.Tensor) -> float:
         4.0
         ```
     """
-    a = _float64(matrix)
-    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    gram, _ = _gram(_float64(matrix))
     return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0))
 
 
@@ -163,6 +162,12 @@ def _largest_singular_value_of_weight(weight: torch.Tensor) -> float:
         while len(_SIGMA_MAX) > _SIGMA_MAX_ENTRIES:
             _SIGMA_MAX.popitem(last=False)
     return sigma
+
+
+def _gram(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The Gram matrix on the smaller side, A Aᵀ for a wide (or square) A, else Aᵀ A, and whether A is wide."""
+    wide = a.shape[0] <= a.shape[1]
+    return (a @ a.T if wide else a.T @ a), wide
 
 
 def _float64(t: torch.Tensor) -> torch.Tensor:
