@@ -143,6 +143,32 @@ def test_resume_reuses_saved_patches_and_finished_checkpoints(files, tok, tmp_pa
     )
     for key in ("editing", "drift", "weights", "nnz"):
         assert second["runs"][name]["checkpoints"]["4"][key] == fresh["runs"][name]["checkpoints"]["4"][key]
+    # The editing time of a resumed checkpoint counts the reloaded patches' own times, kept in the results.
+    seconds = second["runs"][name]["patch_seconds"]
+    assert sorted(seconds) == ["00001", "00002", "00003", "00004"]
+    assert seconds["00001"] > 0
+    assert second["runs"][name]["checkpoints"]["2"]["edit_seconds"] == pytest.approx(
+        seconds["00001"] + seconds["00002"], rel=1e-12
+    )
+    assert second["runs"][name]["checkpoints"]["4"]["edit_seconds"] == pytest.approx(sum(seconds.values()), rel=1e-12)
+
+
+def test_a_checkpoint_after_patches_of_unknown_time_has_no_editing_time(files, tok, tmp_path):
+    model = llama4(tok)
+    out = tmp_path / "out"
+    name = "ft-sequential-instance-none-seed0"
+    ex.run_experiment(
+        config(files, checkpoints=[2], regularizers=["none"]), out, model=model, tokenizer=tok, plots=False
+    )
+    results = json.loads((out / "results.json").read_text())
+    del results["runs"][name]["patch_seconds"]["00001"]  # as a run saved before patch times were kept
+    (out / "results.json").write_text(json.dumps(results))
+    again = ex.run_experiment(
+        config(files, checkpoints=[2, 4], regularizers=["none"]), out, model=model, tokenizer=tok, plots=False
+    )
+    points = again["runs"][name]["checkpoints"]
+    assert points["4"]["edit_seconds"] is None  # patch 1's time is unknown: no partial sum is reported
+    assert points["2"]["edit_seconds"] > 0  # measured before, kept
 
 
 def test_a_different_configuration_is_refused(files, tok, tmp_path):

@@ -191,7 +191,10 @@ class ExperimentRunner:
         stack_keep = value if name == "stack" else None
         pm = PatchedModel(self.model)
         base_weights: dict[str, Any] = {}
-        edit_seconds = 0.0
+        # seconds each saved patch took to compute, by folder: a resumed run sums them over the patches it reloads;
+        # a patch saved without its time (an older run) leaves the checkpoints after it without an editing time
+        patch_seconds = run.setdefault("patch_seconds", {})
+        edit_seconds: float | None = 0.0
         try:
             bar = progress_bar(total=last, desc=run_name, unit="request", show_progress=self.show)
             done = 0
@@ -203,10 +206,13 @@ class ExperimentRunner:
                     patch = EditPatch.from_pretrained(folder)
                     if patch.config.requests != [r.to_dict() for r in group]:
                         raise ValueError(f"{folder} holds a patch for other requests; delete it to recompute")
+                    seconds = patch_seconds.get(folder.name)
                 else:
                     patch = self.edit(pm, group, spec)
                     patch.save_pretrained(folder)
-                    edit_seconds += time.perf_counter() - t0
+                    seconds = patch_seconds[folder.name] = time.perf_counter() - t0
+                    self.save()
+                edit_seconds = None if edit_seconds is None or seconds is None else edit_seconds + seconds
                 if not base_weights:
                     base_weights = self.weight_names(patch)
                 pm.add_patch(patch, f"edit{done}")
